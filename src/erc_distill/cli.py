@@ -1,0 +1,202 @@
+"""``erc-distill``: the command line.
+
+Subcommands (each prints a readable summary; ``--json`` where a machine reads it):
+
+- ``data-stats``  per split: utterances, dialogues, speakers, label counts, input token lengths;
+- ``show-input``  the exact model input of one turn (decoded, and ids with ``--ids``);
+- ``fetch-data``  download or copy a corpus's public CSVs, verified by SHA-256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from erc_distill import __version__
+from erc_distill.data.context import CONTEXT_PRESETS, ContextBuilder, ContextConfig, context_preset
+from erc_distill.data.corpora import CORPORA, get_corpus, load_corpus
+from erc_distill.data.paths import DATA_ENV, resolve_data_dir
+from erc_distill.data.types import SPLITS
+from erc_distill.errors import DataError
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="meld", choices=sorted(CORPORA), help="corpus (default: meld)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"folder holding the corpus folders (default: ${DATA_ENV}, else the per-user cache)",
+    )
+
+
+def _add_context_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context", default="spcl", choices=sorted(CONTEXT_PRESETS), help="context/prompt preset")
+    p.add_argument("--max-len", type=int, default=None, help="token budget of an input (preset: 256)")
+    p.add_argument(
+        "--max-previous-turns", type=int, default=None, help="k: previous turns in the context (preset: 8)"
+    )
+
+
+def _context_config(args: argparse.Namespace) -> ContextConfig:
+    overrides = {}
+    if args.max_len is not None:
+        overrides["max_len"] = args.max_len
+    if args.max_previous_turns is not None:
+        overrides["max_previous_turns"] = args.max_previous_turns
+    return context_preset(args.context, **overrides)
+
+
+def _builder(tokenizer_name: str, config: ContextConfig) -> ContextBuilder:
+    from erc_distill.data.context import add_speaker_tokens
+    from erc_distill.pretrained import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_name)
+    if config.speaker_style == "index":
+        add_speaker_tokens(tokenizer)
+    return ContextBuilder(tokenizer, config, name=tokenizer_name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="erc-distill",
+        description="Distil large Emotion-Recognition-in-Conversation teachers into small, fast students.",
+    )
+    parser.add_argument("--version", action="version", version=f"erc-distill {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("data-stats", help="per-split counts, labels and input token lengths of a corpus")
+    _add_data_args(p)
+    _add_context_args(p)
+    p.add_argument("--tokenizer", default=None, help="measure built input lengths with this tokenizer")
+    p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=cmd_data_stats)
+
+    p = sub.add_parser("show-input", help="print the exact model input of one turn")
+    _add_data_args(p)
+    _add_context_args(p)
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--dialogue", required=True, help="dialogue id (MELD: Dialogue_ID)")
+    p.add_argument("--turn", type=int, required=True, help="turn id (MELD: Utterance_ID)")
+    p.add_argument("--tokenizer", default="minilm-l6", help="tokenizer: preset, hub id or folder")
+    p.add_argument("--ids", action="store_true", help="also print the token ids")
+    p.set_defaults(func=cmd_show_input)
+
+    p = sub.add_parser("fetch-data", help="download (or copy with --from) a corpus, verified by SHA-256")
+    p.add_argument("corpus", choices=sorted(c for c in CORPORA if CORPORA[c].source_url))
+    p.add_argument("--from", dest="source", type=Path, default=None, help="copy from this folder instead")
+    p.add_argument("--data-dir", type=Path, default=None, help=f"destination (default: ${DATA_ENV} or cache)")
+    p.add_argument("--url", default=None, help="download from this mirror ({file} is filled in)")
+    p.set_defaults(func=cmd_fetch_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, OSError, ValueError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"erc-distill {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from erc_distill.data.stats import split_stats
+
+    config = _context_config(args)
+    builder = _builder(args.tokenizer, config) if args.tokenizer else None
+    stats = [split_stats(load_corpus(args.data, s, args.data_dir), builder, progress=not args.json) for s in args.splits]
+    if args.json:
+        out = {
+            "corpus": args.data,
+            "data_dir": str(resolve_data_dir(args.data_dir)),
+            "context": {"preset": args.context, **asdict(config)} if builder else None,
+            "splits": {s.split: asdict(s) for s in stats},
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    spec = get_corpus(args.data)
+    print(f"{spec.description} [{spec.name}] in {resolve_data_dir(args.data_dir)}\n")
+    rows = [["split", "utterances", "dialogues", "speakers", "turns/dialogue (mean, max)"]]
+    rows += [
+        [s.split, s.utterances, s.dialogues, s.speakers, f"{s.turns_per_dialogue_mean:.2f}, {s.turns_per_dialogue_max}"]
+        for s in stats
+    ]
+    print(_table(rows))
+    label_rows = [["label", *(s.split for s in stats)]]
+    label_rows += [[label, *(f"{s.labels[label]} ({100 * s.labels[label] / max(s.utterances, 1):.1f}%)" for s in stats)]
+                   for label in spec.labels]
+    if any(s.unlabelled for s in stats):
+        label_rows.append(["(unlabelled)", *(s.unlabelled for s in stats)])
+    print("\n" + _table(label_rows))
+    if builder is None:
+        print("\n(input token lengths: pass --tokenizer NAME, e.g. --tokenizer minilm-l6)")
+        return 0
+    first = stats[0].input_lengths
+    print(f"\ninput tokens: tokenizer {first.tokenizer}, context {args.context} "
+          f"(max_len {config.max_len}, k {config.max_previous_turns})")
+    len_rows = [["split", "p50", "p95", "max", "mean", "context turns (mean)", "context cut", "query cut"]]
+    for s in stats:
+        x = s.input_lengths
+        len_rows.append([s.split, f"{x.p50:g}", f"{x.p95:g}", x.max, x.mean, x.mean_context_turns, x.context_cut, x.query_cut])
+    print(_table(len_rows))
+    return 0
+
+
+def cmd_show_input(args: argparse.Namespace) -> int:
+    config = _context_config(args)
+    data = load_corpus(args.data, args.split, args.data_dir)
+    dialogue = data.dialogue(args.dialogue)
+    turn = dialogue.turn(args.turn)
+    builder = _builder(args.tokenizer, config)
+    x = builder.build_turn(dialogue, turn.index)
+    print(f"{data.corpus}/{data.split} dialogue {dialogue.dialogue_id}, turn {turn.turn_id} "
+          f"(position {turn.index} of {len(dialogue)}; {turn.source})")
+    print(f"  {turn.speaker}: {turn.text}")
+    print(f"  gold: {turn.label}")
+    first = dialogue.turns[x.context_start].turn_id if x.context_start <= turn.index else None
+    context = f"turns {first}..{turn.turn_id} ({x.context_turns})" if first is not None else "none"
+    print(f"context: {context}; {len(x)} tokens of max_len {config.max_len}; mask at position {x.mask_index}"
+          + (f"; {x.context_tokens_cut} oldest context tokens cut" if x.context_tokens_cut else "")
+          + (f"; query cut by {x.query_tokens_cut} tokens" if x.query_tokens_cut else ""))
+    print(f"tokenizer: {builder.name}\n")
+    print(builder.decode(x))
+    if args.ids:
+        print("\nids: " + " ".join(map(str, x.input_ids)))
+    return 0
+
+
+def cmd_fetch_data(args: argparse.Namespace) -> int:
+    from erc_distill.data.fetch import fetch_corpus
+
+    root = resolve_data_dir(args.data_dir)
+    files = fetch_corpus(args.corpus, root, source_dir=args.source, base_url=args.url)
+    for f in files:
+        print(f"{f.action:>10}  {f.path}  sha256 {f.sha256[:16]}…")
+    print(f"{args.corpus}: {len(files)} files verified in {root / get_corpus(args.corpus).folder}")
+    return 0
+
+
+def _table(rows: list[list[object]]) -> str:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

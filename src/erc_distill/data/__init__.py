@@ -1,0 +1,18 @@
+"""Conversations in, model inputs out: corpus readers, the context + prompt builder, statistics."""
+
+from erc_distill.data.context import (
+    CONTEXT_PRESETS,
+    ContextBuilder,
+    ContextConfig,
+    ModelInput,
+    StreamingContext,
+    context_preset,
+)
+from erc_distill.data.corpora import CORPORA, CorpusSpec, get_corpus, load_corpus, read_split
+from erc_distill.data.types import SPLITS, CorpusSplit, Dialogue, MediaRef, SourceRef, Turn
+
+__all__ = [
+    "CONTEXT_PRESETS", "CORPORA", "SPLITS", "ContextBuilder", "ContextConfig", "CorpusSpec", "CorpusSplit",
+    "Dialogue", "MediaRef", "ModelInput", "SourceRef", "StreamingContext", "Turn", "context_preset",
+    "get_corpus", "load_corpus", "read_split",
+]
