@@ -1,5 +1,9 @@
 """``erc-distill``: the command line.
 
+``erc-distill --teacher T --student S --data D --out runs/NAME`` runs the whole pipeline
+(teacher -> cache -> distill -> evaluate); ``erc-distill teacher|cache|distill|evaluate ...`` runs one
+stage (with the stages before it, skipped when up to date).
+
 Subcommands (each prints a readable summary; ``--json`` where a machine reads it):
 
 - ``data-stats``  per split: utterances, dialogues, speakers, label counts, input token lengths;
@@ -22,6 +26,7 @@ from erc_distill.data.corpora import CORPORA, get_corpus, load_corpus
 from erc_distill.data.paths import DATA_ENV, resolve_data_dir
 from erc_distill.data.types import SPLITS
 from erc_distill.errors import DataError
+from erc_distill.pipeline import RunConfig
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -61,13 +66,110 @@ def _builder(tokenizer_name: str, config: ContextConfig) -> ContextBuilder:
     return ContextBuilder(tokenizer, config, name=tokenizer_name)
 
 
+def _run_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("pipeline")
+    g.add_argument("--teacher", default="mpnet-base", help="teacher encoder: preset, hub id, folder, or 'none'")
+    g.add_argument("--student", default="minilm-l6", help="student encoder: preset, hub id or folder")
+    g.add_argument("--data", default="meld", choices=sorted(CORPORA))
+    g.add_argument("--data-dir", type=Path, default=None)
+    g.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<data>-<teacher>-<student>)")
+    g.add_argument("--cache-dir", type=Path, default=None,
+                   help="teachers and teacher-output caches (default: $ERC_DISTILL_CACHE or ~/.cache/erc-distill)")
+    g.add_argument("--context", default="spcl", choices=sorted(CONTEXT_PRESETS), help="student context preset")
+    g.add_argument("--teacher-context", default="spcl", choices=sorted(CONTEXT_PRESETS))
+    g.add_argument("--max-len", type=int, default=256, help="student input budget")
+    g.add_argument("--teacher-max-len", type=int, default=256)
+    g.add_argument("--loss", default="ce=1,dist=1,feature=0.5", help="student objective, name=weight,...")
+    g.add_argument("--teacher-loss", default="ce=1", help="teacher objective")
+    g.add_argument("--tau", type=float, default=4.0, help="temperature of kd / dist")
+    g.add_argument("--class-weight-power", type=float, default=0.0)
+    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--teacher-epochs", type=int, default=3)
+    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--teacher-lr", type=float, default=2e-5)
+    g.add_argument("--head-lr", type=float, default=1e-4)
+    g.add_argument("--layer-decay", type=float, default=1.0, help="student layer-wise LR decay")
+    g.add_argument("--teacher-layer-decay", type=float, default=0.9)
+    g.add_argument("--freeze-teacher-layers", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--accumulate", type=int, default=1)
+    g.add_argument("--val-check-interval", type=float, default=1.0, help="dev evaluations per epoch: 1/x")
+    g.add_argument("--seed", type=int, default=0, help="student seed")
+    g.add_argument("--quick", action="store_true", help="a few minutes end to end on a slice of the data")
+    g.add_argument("--accelerator", default="cpu")
+    g.add_argument("--devices", default="1")
+    g.add_argument("--strategy", default="auto")
+    g.add_argument("--precision", default="32-true")
+    return p
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    from erc_distill.distill.module import OptimConfig
+    from erc_distill.distill.objective import LossConfig, parse_loss_spec
+    from erc_distill.distill.train import TrainConfig
+    from erc_distill.pipeline import quick
+
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    common = dict(batch_size=args.batch_size, accumulate=args.accumulate, accelerator=args.accelerator,
+                  devices=devices, strategy=args.strategy, precision=args.precision,
+                  val_check_interval=args.val_check_interval)
+    cfg = RunConfig(
+        teacher=None if args.teacher.lower() == "none" else args.teacher,
+        student=args.student,
+        data=args.data,
+        data_dir=str(args.data_dir) if args.data_dir else None,
+        teacher_context=context_preset(args.teacher_context, max_len=args.teacher_max_len),
+        student_context=context_preset(args.context, max_len=args.max_len),
+        teacher_train=TrainConfig(epochs=args.teacher_epochs, freeze_layers=args.freeze_teacher_layers,
+                                  optim=OptimConfig(lr=args.teacher_lr, head_lr=args.head_lr,
+                                                    layer_decay=args.teacher_layer_decay), **common),
+        teacher_loss=LossConfig(weights=parse_loss_spec(args.teacher_loss),
+                                class_weight_power=args.class_weight_power),
+        student_train=TrainConfig(epochs=args.epochs, seed=args.seed,
+                                  optim=OptimConfig(lr=args.lr, head_lr=args.head_lr, layer_decay=args.layer_decay),
+                                  **common),
+        loss=LossConfig(weights=parse_loss_spec(args.loss), tau=args.tau, class_weight_power=args.class_weight_power),
+    )
+    return quick(cfg) if args.quick else cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from erc_distill.pipeline import STAGES, Run
+
+    cfg = run_config(args)
+    out = args.out or Path("runs") / f"{cfg.data}-{Path(str(cfg.teacher)).name}-{Path(cfg.student).name}"
+    stages = STAGES if args.command in (None, "run") else STAGES[: STAGES.index(args.command) + 1]
+    run = Run(cfg, out, args.cache_dir, progress=True)
+    run.run(stages)
+    print(f"\nrun folder: {out}")
+    metrics_file = out / "metrics.json"
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        rows = [["model", "params", "dev wF1", "test wF1", "test macro F1", "test acc"]]
+        for name, m in metrics.items():
+            rows.append([name, f"{m['params'] / 1e6:.1f}M", f"{100 * m['dev']['weighted_f1']:.2f}",
+                         f"{100 * m['test']['weighted_f1']:.2f}", f"{100 * m['test']['macro_f1']:.2f}",
+                         f"{100 * m['test']['accuracy']:.2f}"])
+        print(_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    run_opts = _run_options()
     parser = argparse.ArgumentParser(
         prog="erc-distill",
-        description="Distil large Emotion-Recognition-in-Conversation teachers into small, fast students.",
+        parents=[run_opts],
+        description="Distil large Emotion-Recognition-in-Conversation teachers into small, fast students. "
+        "Without a subcommand: run the whole pipeline.",
     )
+    parser.set_defaults(func=cmd_run)
     parser.add_argument("--version", action="version", version=f"erc-distill {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for stage, text in (("run", "the whole pipeline (the default)"), ("teacher", "fine-tune the teacher"),
+                        ("cache", "cache the teacher's outputs"), ("distill", "train the student"),
+                        ("evaluate", "score teacher and student, write metrics.json and predictions")):
+        sub.add_parser(stage, parents=[run_opts], help=text).set_defaults(func=cmd_run)
 
     p = sub.add_parser("data-stats", help="per-split counts, labels and input token lengths of a corpus")
     _add_data_args(p)
@@ -98,15 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
         parser.print_help()
         return 2
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (DataError, OSError, ValueError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"erc-distill {args.command}: error: {message}", file=sys.stderr)
+        print(f"erc-distill {args.command or 'run'}: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -1,0 +1,139 @@
+"""The training objective: a weighted sum of named loss terms, ``--loss ce=1,dist=1,feature=0.5``.
+
+    L = Σ_k w_k · L_k        (each L_k logged separately, unweighted)
+
+``str(objective)`` prints the formula, e.g. ``L = 1·ce + 1·dist(τ=4) + 0.5·feature(τ=1)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from erc_distill.data.datamodule import Batch
+from erc_distill.distill.losses import (
+    DIST,
+    LOSSES,
+    CrossEntropy,
+    FeatureKD,
+    HiddenMSE,
+    HintonKD,
+    LossTerm,
+    SPCLPrototype,
+    SupCon,
+    inverse_frequency_weights,
+)
+from erc_distill.modeling import ModelOutput
+
+
+def parse_loss_spec(spec: str) -> dict[str, float]:
+    """``'ce=1,dist=1,feature=0.5'`` -> ``{'ce': 1.0, 'dist': 1.0, 'feature': 0.5}`` (a bare name weighs 1)."""
+    weights: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r} in {spec!r}; known: {', '.join(LOSSES)}")
+        try:
+            weights[name] = float(value) if value else 1.0
+        except ValueError:
+            raise ValueError(f"loss weight of {name!r} must be a number, got {value!r}") from None
+    if not weights:
+        raise ValueError("empty loss spec; e.g. --loss ce=1,dist=1")
+    return weights
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Which terms, their weights and their hyper-parameters."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
+    tau: float = 4.0
+    """Temperature of ``kd`` and ``dist`` (TelME: 4 on MELD)."""
+    feature_tau: float = 1.0
+    focal_gamma: float = 0.0
+    class_weight_power: float = 0.0
+    """``ce`` class weights (N / (C n_c))^power; 0: unweighted, 1: balanced."""
+    label_smoothing: float = 0.0
+    contrastive_tau: float = 0.1
+    spcl_queue: int = 64
+    spcl_k: int = 8
+    hidden_layers: int = 2
+    """``hidden``: the last n student layers are matched to the n teacher layers in the cache."""
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(LOSSES[name].needs_teacher for name in self.weights)
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    """Unweighted value of each term (detached), for logging."""
+
+
+class Objective(nn.Module):
+    def __init__(self, terms: dict[str, tuple[LossTerm, float]]) -> None:
+        super().__init__()
+        self.terms = nn.ModuleDict({name: term for name, (term, _) in terms.items()})
+        self.weights = {name: w for name, (_, w) in terms.items()}
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(t.needs_teacher for t in self.terms.values())
+
+    @property
+    def needs_hidden(self) -> bool:
+        return any(t.needs_hidden for t in self.terms.values())
+
+    def forward(self, student: ModelOutput, batch: Batch) -> LossOutput:
+        values = {name: term(student, batch) for name, term in self.terms.items()}
+        total = sum(self.weights[name] * v for name, v in values.items())
+        return LossOutput(total, {name: v.detach() for name, v in values.items()})
+
+    def __str__(self) -> str:
+        return "L = " + " + ".join(f"{self.weights[n]:g}·{t.describe()}" for n, t in self.terms.items())
+
+
+def build_objective(
+    cfg: LossConfig,
+    num_classes: int,
+    student_dim: int,
+    teacher_dim: int | None = None,
+    class_counts: torch.Tensor | None = None,
+    student_layers: int | None = None,
+) -> Objective:
+    """Instantiate the terms of ``cfg`` for these widths (projections are created where they differ)."""
+    if cfg.needs_teacher and teacher_dim is None:
+        raise ValueError(f"{', '.join(n for n in cfg.weights if LOSSES[n].needs_teacher)} need a teacher")
+    terms: dict[str, tuple[LossTerm, float]] = {}
+    for name, weight in cfg.weights.items():
+        if name == "ce":
+            weights = None
+            if cfg.class_weight_power:
+                if class_counts is None:
+                    raise ValueError("class-weighted ce needs the training label counts")
+                weights = inverse_frequency_weights(class_counts, cfg.class_weight_power)
+            term: LossTerm = CrossEntropy(weights, cfg.focal_gamma, cfg.label_smoothing)
+        elif name == "kd":
+            term = HintonKD(cfg.tau)
+        elif name == "dist":
+            term = DIST(cfg.tau)
+        elif name == "feature":
+            term = FeatureKD(student_dim, teacher_dim, cfg.feature_tau)
+        elif name == "hidden":
+            if student_layers is None:
+                raise ValueError("the hidden loss needs the student's layer count")
+            first = student_layers - cfg.hidden_layers + 1  # hidden_states[0] is the embeddings
+            term = HiddenMSE(student_dim, teacher_dim, list(range(first, student_layers + 1)))
+        elif name == "supcon":
+            term = SupCon(cfg.contrastive_tau)
+        elif name == "spcl":
+            term = SPCLPrototype(num_classes, student_dim, cfg.spcl_queue, cfg.spcl_k, cfg.contrastive_tau)
+        else:  # registered by a plug-in: built without arguments
+            term = LOSSES[name]()
+        terms[name] = (term, weight)
+    return Objective(terms)

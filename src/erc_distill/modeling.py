@@ -1,0 +1,179 @@
+"""The prompted encoder classifier that teachers and students share.
+
+A transformers encoder reads the built input (see :mod:`erc_distill.data.context`); the turn's
+representation is the encoder's last hidden state at the mask position; a head (dropout + linear)
+maps it to the corpus's labels::
+
+    h = Encoder(input_ids, attention_mask)            # [B, T, H]
+    f = h[b, mask_index[b]]                           # [B, H]   the "feature" used by feature KD
+    z = W · dropout(f) + b                            # [B, C]   logits
+
+Saved as a folder: ``encoder/`` (``save_pretrained``: config + safetensors), ``tokenizer/``,
+``head.safetensors`` and ``erc_model.json`` (labels, source, dropout).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+TINY_TEXTS = (
+    "Oh my God! Is that a puppy? It's a duck. No. It's Joey's. I hate that duck! Why are you so sad?",
+    "I lost my job today. Ew, that is disgusting. Don't scare me like that! Great news, everyone!",
+    "How was the date? It was amazing! You ate my sandwich? It was just sitting there. MY SANDWICH!",
+    "For utterance: feels Now okay well yes no hello hi what where when why how really sorry thanks",
+    "Rachel Chandler Ross Monica Phoebe Joey Speaker Mad Scared Joyful Peaceful Powerful Neutral",
+)
+
+
+@dataclass
+class ModelOutput:
+    """What a model gives the losses. ``logits`` [B, C]; ``features`` [B, H] at the mask;
+    ``hidden_states``: per layer [B, T, H] (embeddings first), only when asked for."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class PromptedClassifier(nn.Module):
+    """Encoder + mask-position head. ``forward(input_ids [B,T], attention_mask [B,T], mask_index [B])``."""
+
+    def __init__(self, encoder: nn.Module, labels: tuple[str, ...], dropout: float = 0.1, source: str = "") -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.labels = tuple(labels)
+        self.source = source
+        self.dropout_p = dropout
+        hidden = encoder.config.hidden_size
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, len(labels))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.encoder.config.num_hidden_layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mask_index: torch.Tensor,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        out = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
+        )
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        features = out.last_hidden_state[rows, mask_index]
+        logits = self.head(self.dropout(features))
+        return ModelOutput(logits, features, tuple(out.hidden_states) if output_hidden_states else None)
+
+    # -- layer groups (freezing, layer-wise LR decay) ---------------------------------------------
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters from the bottom up: [embeddings, layer 0, ..., layer L-1, rest (pooler, head)]."""
+        layers = _encoder_layers(self.encoder)
+        embeddings = [p for n, p in self.encoder.named_parameters() if "embeddings" in n.split(".")[0:2]]
+        taken = {id(p) for p in embeddings} | {id(p) for layer in layers for p in layer.parameters()}
+        rest = [p for p in self.parameters() if id(p) not in taken]
+        return [embeddings, *[list(layer.parameters()) for layer in layers], rest]
+
+    def freeze_lower(self, n_layers: int) -> int:
+        """Freeze the embeddings and the lowest ``n_layers`` layers; returns the frozen parameter count."""
+        frozen = 0
+        for group in self.layer_groups()[: 1 + n_layers] if n_layers > 0 else []:
+            for p in group:
+                p.requires_grad_(False)
+                frozen += p.numel()
+        return frozen
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save(self, folder: str | Path, tokenizer: Any | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(folder / "encoder", safe_serialization=True)
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, folder / "head.safetensors")
+        meta = {"labels": list(self.labels), "dropout": self.dropout_p, "source": self.source}
+        (folder / "erc_model.json").write_text(json.dumps(meta, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder / "tokenizer")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "PromptedClassifier":
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        folder = Path(folder)
+        meta = json.loads((folder / "erc_model.json").read_text())
+        model = cls(AutoModel.from_pretrained(folder / "encoder", add_pooling_layer=False),
+                    tuple(meta["labels"]), meta["dropout"], meta["source"])
+        model.head.load_state_dict(load_file(folder / "head.safetensors"))
+        return model
+
+
+def _encoder_layers(encoder: nn.Module) -> list[nn.Module]:
+    for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
+        obj: Any = encoder
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList):
+            return list(obj)
+    raise ValueError(f"cannot find the layer list of {type(encoder).__name__}")
+
+
+def tiny_encoder_folder(folder: str | Path, vocab_size: int = 400) -> Path:
+    """Write a tiny random RoBERTa (hidden 32, 2 layers) and a byte-level tokenizer to ``folder``.
+
+    For tests and smoke runs: it loads like any hub model, with no download.
+    """
+    from transformers import RobertaConfig, RobertaModel
+
+    from erc_distill.tiny import train_tiny_tokenizer
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = train_tiny_tokenizer(TINY_TEXTS, "roberta", vocab_size=vocab_size)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=520, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+    )
+    torch.manual_seed(0)
+    RobertaModel(config, add_pooling_layer=False).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_encoder(name_or_path: str | Path, labels: tuple[str, ...], dropout: float = 0.1) -> tuple[PromptedClassifier, Any]:
+    """A fresh classifier on a pretrained encoder (preset, hub id, folder or ``tiny``) and its tokenizer."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from erc_distill.data.paths import user_cache_dir
+    from erc_distill.pretrained import resolve_pretrained
+
+    name = str(name_or_path)
+    if name == "tiny":
+        location = str(tiny_encoder_folder(user_cache_dir() / "models" / "tiny-roberta"))
+    else:
+        location = resolve_pretrained(name).location
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    try:
+        encoder = AutoModel.from_pretrained(location, add_pooling_layer=False)
+    except TypeError:  # encoders without a pooler argument
+        encoder = AutoModel.from_pretrained(location)
+    return PromptedClassifier(encoder, labels, dropout, source=name), tokenizer

@@ -1,0 +1,299 @@
+"""The run: teacher -> cache -> distill -> evaluate, each stage skipped when its inputs did not change.
+
+A run folder ``runs/NAME/`` holds ``manifest.json`` (config, package versions, per-stage key, wall
+time and artifacts), ``metrics.json`` (per model, per split) and ``predictions_<model>_<split>.csv``.
+The teacher and its output cache are content-addressed in the cache folder (``--cache-dir``,
+``$ERC_DISTILL_CACHE`` or ``~/.cache/erc-distill``), so runs that share a teacher (e.g. student
+seeds) train and cache it once. Every training stage resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import platform
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from erc_distill.data.context import ContextBuilder, ContextConfig, context_preset
+from erc_distill.data.corpora import get_corpus
+from erc_distill.data.datamodule import ErcDataModule
+from erc_distill.data.paths import user_cache_dir
+from erc_distill.distill.module import predict
+from erc_distill.distill.objective import LossConfig, build_objective
+from erc_distill.distill.train import TrainConfig, train_model
+from erc_distill.modeling import PromptedClassifier, load_encoder
+from erc_distill.report.metrics import compute_metrics
+
+STAGES = ("teacher", "cache", "distill", "evaluate")
+CACHE_ENV = "ERC_DISTILL_CACHE"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run depends on. Stage keys hash the parts each stage reads."""
+
+    teacher: str | None = "mpnet-base"
+    student: str = "minilm-l6"
+    data: str = "meld"
+    data_dir: str | None = None
+    teacher_context: ContextConfig = field(default_factory=ContextConfig)
+    student_context: ContextConfig = field(default_factory=ContextConfig)
+    teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3))
+    teacher_loss: LossConfig = field(default_factory=LossConfig)
+    student_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3))
+    loss: LossConfig = field(default_factory=lambda: LossConfig(weights={"ce": 1.0, "dist": 1.0, "feature": 0.5}))
+    limit: int | None = None
+    """Use only the first ``limit`` dialogues of each split (``--quick``)."""
+    hidden_layers: tuple[int, ...] = ()
+    """Teacher layers cached at the mask position (for the ``hidden`` loss)."""
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.teacher is not None and self.loss.needs_teacher
+
+
+_NOT_IN_KEY = {"accelerator", "devices", "strategy", "checkpoint_every_n_steps", "eval_batch_size", "data_dir"}
+
+
+def _key(*parts: Any) -> str:
+    """Stable hash of config parts (settings that cannot change results are left out)."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in sorted(x.items()) if k not in _NOT_IN_KEY}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    blob = json.dumps([clean(asdict(p) if hasattr(p, "__dataclass_fields__") else p) for p in parts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("erc-distill", "torch", "transformers", "lightning", "torchmetrics", "tokenizers", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class Run:
+    """A run folder and its manifest; :meth:`stage` runs or skips one stage."""
+
+    def __init__(self, cfg: RunConfig, out: str | Path, cache_dir: str | Path | None = None,
+                 progress: bool = True, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.out = Path(out)
+        self.cache_dir = Path(cache_dir or os.environ.get(CACHE_ENV) or user_cache_dir())
+        self.progress = progress
+        self.log = log
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.out / "manifest.json"
+        self.manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {"stages": {}}
+        self.manifest.update(config=asdict(cfg), versions=package_versions(), machine=_machine())
+        self.labels = get_corpus(cfg.data).labels
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+    def save_manifest(self) -> None:
+        tmp = self.manifest_path.with_name(".manifest.json.tmp")
+        tmp.write_text(json.dumps(self.manifest, indent=2, default=str))
+        os.replace(tmp, self.manifest_path)
+
+    def stage(self, name: str, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        record = self.manifest["stages"].get(name)
+        if record and record.get("key") == key and record.get("status") == "done" and all(
+            Path(p).exists() for p in record.get("artifacts", {}).values()
+        ):
+            self.log(f"[{name}] up to date (key {key}), skipped")
+            return record
+        self.log(f"[{name}] running (key {key})")
+        self.manifest["stages"][name] = {"key": key, "status": "running"}
+        self.save_manifest()
+        start = time.perf_counter()
+        result = fn()
+        record = {"key": key, "status": "done", "wall_s": round(time.perf_counter() - start, 1), **result}
+        self.manifest["stages"][name] = record
+        self.save_manifest()
+        self.log(f"[{name}] done in {record['wall_s']:.0f} s")
+        return record
+
+    def _datamodule(self, tokenizer: Any, context: ContextConfig, train: TrainConfig, teacher=None) -> ErcDataModule:
+        return ErcDataModule(self.cfg.data, ContextBuilder(tokenizer, context), self.cfg.data_dir,
+                             batch_size=train.batch_size, eval_batch_size=train.eval_batch_size,
+                             seed=train.seed, limit=self.cfg.limit, teacher=teacher)
+
+    def _class_counts(self, dm: ErcDataModule) -> torch.Tensor:
+        counts = Counter(e.label for e in dm.examples_of("train") if e.label >= 0)
+        return torch.tensor([counts.get(i, 0) for i in range(len(self.labels))])
+
+    # -- stages ---------------------------------------------------------------------------------------
+    @property
+    def teacher_key(self) -> str:
+        c = self.cfg
+        return _key(c.teacher, c.data, c.teacher_context, c.teacher_train, c.teacher_loss, c.limit)
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.cache_dir / "teachers" / f"{self.cfg.data}-{Path(str(self.cfg.teacher)).name}-{self.teacher_key}"
+
+    def run_teacher(self) -> dict[str, Any]:
+        def fit() -> dict[str, Any]:
+            folder = self.teacher_dir
+            if (folder / "model" / "erc_model.json").is_file():
+                return json.loads((folder / "result.json").read_text())
+            c = self.cfg
+            model, tok = load_encoder(c.teacher, self.labels)
+            dm = self._datamodule(tok, c.teacher_context, c.teacher_train)
+            objective = build_objective(c.teacher_loss, len(self.labels), model.hidden_size,
+                                        class_counts=self._class_counts(dm))
+            self.log(f"teacher {c.teacher}: {_params(model) / 1e6:.1f}M params; {objective}")
+            result = train_model(model, objective, dm, c.teacher_train, folder / "train", self.progress)
+            model.save(folder / "model", tok)
+            out = {"artifacts": {"model": str(folder / "model")}, "train": asdict(result), "params": _params(model)}
+            (folder / "result.json").write_text(json.dumps(out, indent=2))
+            return out
+
+        return self.stage("teacher", self.teacher_key, fit)
+
+    def run_cache(self) -> dict[str, Any]:
+        from erc_distill.distill.cache import CacheKey, build_cache, weights_hash
+
+        model_dir = Path(self.manifest["stages"]["teacher"]["artifacts"]["model"])
+        key = CacheKey(weights_hash(model_dir), self.cfg.data, ("train", "dev"),
+                       self.cfg.teacher_context.fingerprint(), str(self.cfg.teacher), self.cfg.hidden_layers, self.cfg.limit)
+        stage_key = _key(key)
+        folder = self.cache_dir / "teacher-cache" / stage_key
+
+        def compute() -> dict[str, Any]:
+            from transformers import AutoTokenizer
+
+            model = PromptedClassifier.load(model_dir)
+            tok = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+            dm = self._datamodule(tok, self.cfg.teacher_context, self.cfg.teacher_train)
+            cache = build_cache(model, dm, folder, key, progress=self.progress)
+            return {"artifacts": {"cache": str(folder)}, "rows": len(cache)}
+
+        return self.stage("cache", stage_key, compute)
+
+    def run_distill(self) -> dict[str, Any]:
+        c = self.cfg
+        cache_dir = self.manifest["stages"]["cache"]["artifacts"]["cache"] if c.uses_teacher else None
+        key = _key(c.student, c.data, c.student_context, c.student_train, c.loss, c.limit,
+                   self.manifest["stages"]["cache"]["key"] if cache_dir else None)
+
+        def fit() -> dict[str, Any]:
+            from erc_distill.distill.cache import TeacherCache
+
+            teacher = TeacherCache(cache_dir) if cache_dir else None
+            model, tok = load_encoder(c.student, self.labels)
+            dm = self._datamodule(tok, c.student_context, c.student_train, teacher)
+            teacher_dim = teacher.arrays["train"]["features"].shape[1] if teacher else None
+            objective = build_objective(c.loss, len(self.labels), model.hidden_size, teacher_dim,
+                                        self._class_counts(dm), model.num_layers)
+            self.log(f"student {c.student}: {_params(model) / 1e6:.1f}M params; {objective}")
+            result = train_model(model, objective, dm, c.student_train, self.out / "student" / "train", self.progress)
+            model.save(self.out / "student" / "model", tok)
+            return {"artifacts": {"model": str(self.out / "student" / "model")}, "train": asdict(result),
+                    "params": _params(model), "objective": str(objective)}
+
+        return self.stage("distill", key, fit)
+
+    def run_evaluate(self) -> dict[str, Any]:
+        models = {"student": self.manifest["stages"]["distill"]["artifacts"]["model"]}
+        if "teacher" in self.manifest["stages"] and self.cfg.teacher is not None:
+            models = {"teacher": self.manifest["stages"]["teacher"]["artifacts"]["model"], **models}
+        key = _key([self.manifest["stages"][m if m == "teacher" else "distill"]["key"] for m in models])
+
+        def evaluate() -> dict[str, Any]:
+            from transformers import AutoTokenizer
+
+            metrics: dict[str, Any] = {}
+            artifacts = {"metrics": str(self.out / "metrics.json")}
+            for name, folder in models.items():
+                model = PromptedClassifier.load(folder)
+                tok = AutoTokenizer.from_pretrained(Path(folder) / "tokenizer")
+                context = self.cfg.teacher_context if name == "teacher" else self.cfg.student_context
+                train = self.cfg.teacher_train if name == "teacher" else self.cfg.student_train
+                dm = self._datamodule(tok, context, train)
+                metrics[name] = {"params": _params(model)}
+                for split in ("dev", "test"):
+                    path = self.out / f"predictions_{name}_{split}.csv"
+                    m = evaluate_split(model, dm, split, path)
+                    metrics[name][split] = m
+                    artifacts[f"predictions_{name}_{split}"] = str(path)
+                    self.log(f"{name:>8} {split:<5} weighted F1 {100 * m['weighted_f1']:.2f}  "
+                             f"macro F1 {100 * m['macro_f1']:.2f}  accuracy {100 * m['accuracy']:.2f}")
+            tmp = self.out / ".metrics.json.tmp"
+            tmp.write_text(json.dumps(metrics, indent=2))
+            os.replace(tmp, self.out / "metrics.json")
+            return {"artifacts": artifacts}
+
+        return self.stage("evaluate", key, evaluate)
+
+    def run(self, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+        self.save_manifest()
+        if self.cfg.uses_teacher:
+            if "teacher" in stages:
+                self.run_teacher()
+            if "cache" in stages:
+                self.run_cache()
+        if "distill" in stages:
+            self.run_distill()
+        if "evaluate" in stages:
+            self.run_evaluate()
+        return self.manifest
+
+
+def evaluate_split(model: PromptedClassifier, dm: ErcDataModule, split: str, csv_path: Path) -> dict[str, Any]:
+    """Predict ``split``, write ``example_id,dialogue_id,turn,speaker,gold,pred,p_<label>...`` and score it."""
+    ids, logits, _, _ = predict(model, dm.eval_dataloader(split))
+    probs = logits.softmax(-1)
+    by_id = {e.example_id: e for e in dm.examples_of(split)}
+    labels = model.labels
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["example_id", "dialogue_id", "turn", "speaker", "gold", "pred", *(f"p_{l}" for l in labels)])
+        for eid, p in zip(ids, probs.tolist()):
+            e = by_id[eid]
+            pred = max(range(len(p)), key=p.__getitem__)
+            w.writerow([eid, e.dialogue_id, e.turn_id, e.speaker, labels[e.label] if e.label >= 0 else "",
+                        labels[pred], *(f"{x:.6f}" for x in p)])
+    os.replace(tmp, csv_path)
+    gold = torch.tensor([by_id[i].label for i in ids])
+    keep = gold >= 0
+    return compute_metrics(probs.argmax(-1)[keep], gold[keep], labels).to_dict()
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def quick(cfg: RunConfig) -> RunConfig:
+    """A few minutes end to end: 30 dialogues per split, one short epoch each, max_len 128."""
+    short = lambda t: replace(t, epochs=1, checkpoint_every_n_steps=20)  # noqa: E731
+    return replace(
+        cfg, limit=30,
+        teacher_context=replace(cfg.teacher_context, max_len=min(cfg.teacher_context.max_len, 128)),
+        student_context=replace(cfg.student_context, max_len=min(cfg.student_context.max_len, 128)),
+        teacher_train=short(cfg.teacher_train), student_train=short(cfg.student_train),
+    )
+
+
+__all__ = ["RunConfig", "Run", "STAGES", "context_preset", "quick", "evaluate_split"]
