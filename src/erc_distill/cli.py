@@ -95,6 +95,7 @@ def _run_options() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--accumulate", type=int, default=1)
     g.add_argument("--val-check-interval", type=float, default=1.0, help="dev evaluations per epoch: 1/x")
+    g.add_argument("--checkpoint-every", type=int, default=100, help="save last.ckpt every N optimizer steps")
     g.add_argument("--seed", type=int, default=0, help="student seed")
     g.add_argument("--quick", action="store_true", help="a few minutes end to end on a slice of the data")
     g.add_argument("--accelerator", default="cpu")
@@ -113,7 +114,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     common = dict(batch_size=args.batch_size, accumulate=args.accumulate, accelerator=args.accelerator,
                   devices=devices, strategy=args.strategy, precision=args.precision,
-                  val_check_interval=args.val_check_interval)
+                  val_check_interval=args.val_check_interval, checkpoint_every_n_steps=args.checkpoint_every)
     cfg = RunConfig(
         teacher=None if args.teacher.lower() == "none" else args.teacher,
         student=args.student,

@@ -135,40 +135,46 @@ def _encoder_layers(encoder: nn.Module) -> list[nn.Module]:
     raise ValueError(f"cannot find the layer list of {type(encoder).__name__}")
 
 
-def tiny_encoder_folder(folder: str | Path, vocab_size: int = 400) -> Path:
-    """Write a tiny random RoBERTa (hidden 32, 2 layers) and a byte-level tokenizer to ``folder``.
+def tiny_encoder_folder(folder: str | Path, style: str = "roberta", vocab_size: int = 400) -> Path:
+    """Write a tiny random encoder (hidden 32, 2 layers) and its tokenizer to ``folder``.
 
-    For tests and smoke runs: it loads like any hub model, with no download.
+    ``style="roberta"``: RoBERTa with a byte-level BPE (``<s>``/``</s>``/``<mask>``); ``"bert"``: BERT with
+    WordPiece (``[CLS]``/``[SEP]``/``[MASK]``). For tests and smoke runs: loads like any hub model.
     """
-    from transformers import RobertaConfig, RobertaModel
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
     from erc_distill.tiny import train_tiny_tokenizer
 
     folder = Path(folder)
     if (folder / "config.json").is_file():
         return folder
-    tokenizer = train_tiny_tokenizer(TINY_TEXTS, "roberta", vocab_size=vocab_size)
-    config = RobertaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37, max_position_embeddings=520, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-    )
+    tokenizer = train_tiny_tokenizer(TINY_TEXTS, style, vocab_size=vocab_size)
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=37, max_position_embeddings=520, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    RobertaModel(config, add_pooling_layer=False).save_pretrained(folder, safe_serialization=True)
+    if style == "roberta":
+        config = RobertaConfig(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, **sizes)
+        model = RobertaModel(config, add_pooling_layer=False)
+    else:
+        model = BertModel(BertConfig(**sizes), add_pooling_layer=False)
+    model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
 
 
+TINY_PRESETS = {"tiny": "roberta", "tiny-bert": "bert"}
+
+
 def load_encoder(name_or_path: str | Path, labels: tuple[str, ...], dropout: float = 0.1) -> tuple[PromptedClassifier, Any]:
-    """A fresh classifier on a pretrained encoder (preset, hub id, folder or ``tiny``) and its tokenizer."""
+    """A fresh classifier on a pretrained encoder (preset, hub id, folder, ``tiny`` or ``tiny-bert``) and its tokenizer."""
     from transformers import AutoModel, AutoTokenizer
 
     from erc_distill.data.paths import user_cache_dir
     from erc_distill.pretrained import resolve_pretrained
 
     name = str(name_or_path)
-    if name == "tiny":
-        location = str(tiny_encoder_folder(user_cache_dir() / "models" / "tiny-roberta"))
+    if name in TINY_PRESETS:
+        location = str(tiny_encoder_folder(user_cache_dir() / "models" / f"{name}-v1", TINY_PRESETS[name]))
     else:
         location = resolve_pretrained(name).location
     tokenizer = AutoTokenizer.from_pretrained(location)

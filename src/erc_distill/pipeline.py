@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -170,8 +171,12 @@ class Run:
         from erc_distill.distill.cache import CacheKey, build_cache, weights_hash
 
         model_dir = Path(self.manifest["stages"]["teacher"]["artifacts"]["model"])
+        layers = self.cfg.hidden_layers
+        if not layers and "hidden" in self.cfg.loss.weights:  # default: the teacher's top n layers
+            depth = json.loads((model_dir / "encoder" / "config.json").read_text())["num_hidden_layers"]
+            layers = tuple(range(depth - self.cfg.loss.hidden_layers + 1, depth + 1))
         key = CacheKey(weights_hash(model_dir), self.cfg.data, ("train", "dev"),
-                       self.cfg.teacher_context.fingerprint(), str(self.cfg.teacher), self.cfg.hidden_layers, self.cfg.limit)
+                       self.cfg.teacher_context.fingerprint(), str(self.cfg.teacher), layers, self.cfg.limit)
         stage_key = _key(key)
         folder = self.cache_dir / "teacher-cache" / stage_key
 
@@ -202,7 +207,11 @@ class Run:
             objective = build_objective(c.loss, len(self.labels), model.hidden_size, teacher_dim,
                                         self._class_counts(dm), model.num_layers)
             self.log(f"student {c.student}: {_params(model) / 1e6:.1f}M params; {objective}")
-            result = train_model(model, objective, dm, c.student_train, self.out / "student" / "train", self.progress)
+            train_dir = self.out / "student" / f"train-{key}"
+            for stale in (self.out / "student").glob("train-*"):
+                if stale != train_dir:  # checkpoints of another config must not be resumed
+                    shutil.rmtree(stale)
+            result = train_model(model, objective, dm, c.student_train, train_dir, self.progress)
             model.save(self.out / "student" / "model", tok)
             return {"artifacts": {"model": str(self.out / "student" / "model")}, "train": asdict(result),
                     "params": _params(model), "objective": str(objective)}

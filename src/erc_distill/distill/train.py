@@ -100,6 +100,8 @@ def train_model(
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resumed)
     wall = time.perf_counter() - start
+    if trainer.interrupted:  # Lightning swallows Ctrl-C / SIGTERM: the run is not finished
+        raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; rerun to resume from {resume}")
     best_path = best.best_model_path or str(ckpt_dir / "best.ckpt")
     if Path(best_path).is_file():
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]

@@ -1,0 +1,104 @@
+"""The whole command on tiny models and the fixture corpus: artifacts, skipping, resuming."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from erc_distill.cli import main
+from erc_distill.distill.module import ErcModule
+from erc_distill.report import compute_metrics
+
+
+def argv(fixture_data, tmp_path, *extra: str) -> list[str]:
+    return ["--teacher", "tiny", "--student", "tiny", "--data", "meld", "--data-dir", str(fixture_data),
+            "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--epochs", "2",
+            "--teacher-epochs", "1", "--batch-size", "2", "--max-len", "64", "--teacher-max-len", "64", *extra]
+
+
+def manifest(tmp_path) -> dict:
+    return json.loads((tmp_path / "run" / "manifest.json").read_text())
+
+
+def test_full_run_writes_every_artifact(fixture_data, tmp_path, capsys):
+    assert main(argv(fixture_data, tmp_path)) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    m = manifest(tmp_path)
+    assert [m["stages"][s]["status"] for s in ("teacher", "cache", "distill", "evaluate")] == ["done"] * 4
+    assert m["config"]["loss"]["weights"] == {"ce": 1.0, "dist": 1.0, "feature": 0.5}
+    assert "torch" in m["versions"] and m["stages"]["distill"]["wall_s"] >= 0
+    assert m["stages"]["distill"]["objective"] == "L = 1·ce + 1·dist(τ=4) + 0.5·feature(τ=1)"
+    assert (run / "student" / "model" / "head.safetensors").is_file()
+    assert (tmp_path / "cache" / "teachers").is_dir() and (tmp_path / "cache" / "teacher-cache").is_dir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"teacher", "student"}
+    for model in ("teacher", "student"):
+        for split in ("dev", "test"):
+            rows = list(csv.DictReader(open(run / f"predictions_{model}_{split}.csv")))
+            assert list(rows[0])[:6] == ["example_id", "dialogue_id", "turn", "speaker", "gold", "pred"]
+            assert len(rows[0]) == 6 + 7
+            labels = metrics[model][split]["labels"]
+            again = compute_metrics([labels.index(r["pred"]) for r in rows], [labels.index(r["gold"]) for r in rows], labels)
+            assert again.weighted_f1 == pytest.approx(metrics[model][split]["weighted_f1"])
+            assert again.accuracy == pytest.approx(metrics[model][split]["accuracy"])
+            assert sum(float(r[f"p_{l}"]) for l in labels for r in rows[:1]) == pytest.approx(1.0, abs=1e-4)
+    assert "test wF1" in out
+
+
+def test_unchanged_stages_are_skipped_and_changed_ones_rerun(fixture_data, tmp_path, capsys):
+    main(argv(fixture_data, tmp_path))
+    first = manifest(tmp_path)
+    capsys.readouterr()
+    main(argv(fixture_data, tmp_path))
+    out = capsys.readouterr().out
+    assert out.count("up to date") == 4
+    main(argv(fixture_data, tmp_path, "--loss", "ce=1,kd=1"))
+    out = capsys.readouterr().out
+    assert "[teacher] up to date" in out and "[cache] up to date" in out
+    assert "[distill] running" in out and "[evaluate] running" in out
+    assert manifest(tmp_path)["stages"]["teacher"]["key"] == first["stages"]["teacher"]["key"]
+    assert manifest(tmp_path)["stages"]["distill"]["key"] != first["stages"]["distill"]["key"]
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(fixture_data, tmp_path, monkeypatch):
+    student_steps = {"n": 0}
+    original = ErcModule.training_step
+
+    def dies_at_student_step_8(self, batch, batch_idx):
+        if self.objective.needs_teacher:  # the student (the teacher trains with ce only)
+            student_steps["n"] += 1
+            if student_steps["n"] == 8:
+                raise RuntimeError("simulated crash midway")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(ErcModule, "training_step", dies_at_student_step_8)
+    # 9 train turns, batch 2: 5 steps an epoch, 15 in 3 epochs; last.ckpt every 2 steps
+    args = argv(fixture_data, tmp_path, "--epochs", "3", "--checkpoint-every", "2")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(args)
+    assert manifest(tmp_path)["stages"]["distill"]["status"] == "running"
+    assert list((tmp_path / "run" / "student").glob("train-*/checkpoints/last.ckpt"))
+    before = student_steps["n"]
+    assert main(args) == 0
+    train = manifest(tmp_path)["stages"]["distill"]["train"]
+    assert train["resumed_from"].endswith("last.ckpt")
+    assert train["steps"] == 15  # counted across the kill
+    assert student_steps["n"] - before < 15  # it went on, it did not start over
+
+
+def test_ce_only_student_needs_no_teacher(fixture_data, tmp_path):
+    assert main(argv(fixture_data, tmp_path, "--loss", "ce=1")) == 0
+    m = manifest(tmp_path)
+    assert set(m["stages"]) == {"distill", "evaluate"}
+    assert set(json.loads((tmp_path / "run" / "metrics.json").read_text())) == {"student"}
+
+
+def test_teacher_and_student_with_different_tokenizers(fixture_data, tmp_path):
+    args = argv(fixture_data, tmp_path)
+    args[args.index("--student") + 1] = "tiny-bert"
+    assert main(args + ["--loss", "ce=1,dist=1,feature=1,hidden=0.5,supcon=0.1,spcl=0.1"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["student"]["test"]["n"] == 3 and metrics["teacher"]["test"]["n"] == 3
