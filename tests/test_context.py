@@ -196,6 +196,15 @@ def test_utterance_preset_has_no_context(bert_tokenizer, duck):
     assert b.decode(b.build_turn(duck, 3)) == "[CLS] rachel : i hate that duck! [SEP] rachel feels [MASK] [SEP]"
 
 
+def test_plain_preset_is_a_cls_classifier_input(bert_tokenizer, duck):
+    b = ContextBuilder(bert_tokenizer, context_preset("plain"))
+    x = b.build_turn(duck, 3)
+    assert b.decode(x) == "[CLS] i hate that duck! [SEP]" and x.mask_index == 0
+    long = make_dialogue([("Ross", "hello okay " * 100)])
+    cut = ContextBuilder(bert_tokenizer, context_preset("plain", max_len=16)).build_turn(long, 0)
+    assert len(cut) == 16 and cut.input_ids[-1] == bert_tokenizer.sep_token_id and cut.context_tokens_cut > 0
+
+
 def test_config_validation_and_fingerprint():
     with pytest.raises(ValueError, match="exactly once"):
         ContextConfig(prompt_template="{speaker} feels")
@@ -217,7 +226,7 @@ def test_tokenizer_without_a_mask_token_is_refused():
 # ---------------------------------------------------------------------------------- streaming
 
 
-@pytest.mark.parametrize("preset", ["spcl", "telme", "utterance"])
+@pytest.mark.parametrize("preset", ["spcl", "telme", "utterance", "plain"])
 def test_streaming_equals_batch_on_fixtures(roberta_tokenizer, bert_tokenizer, fixture_data, preset):
     for tok in (bert_tokenizer, roberta_tokenizer):
         if preset == "telme":
@@ -227,6 +236,7 @@ def test_streaming_equals_batch_on_fixtures(roberta_tokenizer, bert_tokenizer, f
             for corpus in ("meld", "emorynlp", "iemocap"):
                 for d in load_corpus(corpus, "train", fixture_data).dialogues:
                     stream = b.stream()
+                    assert all(len(x) <= max_len for x in b.build_dialogue(d))
                     assert [stream.push(t.speaker, t.text) for t in d.turns] == b.build_dialogue(d)
 
 

@@ -50,8 +50,9 @@ class ContextConfig:
     """How a turn is written, in the context and in the query."""
     query_prefix: str | None = "For utterance:"
     """Text before the repeated query turn; None: no query segment (TelME)."""
-    prompt_template: str = "{speaker} feels {mask}"
-    """The prompt; ``{mask}`` becomes the tokenizer's mask token, ``{speaker}`` turn t's speaker."""
+    prompt_template: str | None = "{speaker} feels {mask}"
+    """The prompt; ``{mask}`` becomes the tokenizer's mask token, ``{speaker}`` turn t's speaker.
+    None: no prompt, the representation is read at [CLS] (position 0: a plain classifier)."""
     sep_after_each_turn: bool = True
     """True: a [SEP] after every context turn; False: turns run on, one [SEP] ends the context."""
     speaker_style: Literal["name", "index"] = "name"
@@ -65,7 +66,7 @@ class ContextConfig:
             raise ValueError(f"max_len must be at least 4, got {self.max_len}")
         if self.max_previous_turns is not None and self.max_previous_turns < 0:
             raise ValueError(f"max_previous_turns must be >= 0 or None, got {self.max_previous_turns}")
-        if self.prompt_template.count(MASK) != 1:
+        if self.prompt_template is not None and self.prompt_template.count(MASK) != 1:
             raise ValueError(f"prompt_template must contain {MASK} exactly once: {self.prompt_template!r}")
         if self.speaker_style not in ("name", "index"):
             raise ValueError(f"speaker_style must be 'name' or 'index', got {self.speaker_style!r}")
@@ -92,8 +93,11 @@ CONTEXT_PRESETS: dict[str, ContextConfig] = {
         speaker_style="index",
         context_truncation="tokens",
     ),
-    # no context, no prompt-repeated query: the utterance-only baseline still read at the mask
+    # no context, no repeated query: the utterance with its prompt, read at the mask
     "utterance": ContextConfig(max_previous_turns=0, query_prefix=None),
+    # the plain classifier a user would otherwise fine-tune: [CLS] utterance [SEP], read at [CLS]
+    "plain": ContextConfig(max_previous_turns=0, turn_template="{text}", query_prefix=None, prompt_template=None,
+                           context_truncation="tokens"),
 }
 
 
@@ -197,6 +201,8 @@ class ContextBuilder:
         return [f"<s{order.setdefault(s, len(order) + 1)}>" for s in speakers]
 
     def _make_prompt_ids(self, speaker: str) -> tuple[int, ...]:
+        if self.config.prompt_template is None:
+            return ()
         before, after = self.config.prompt_template.format(speaker=speaker, mask=MASK).split(MASK)
         before_ids = self._tokenize([before.rstrip()])[0] if before.strip() else []
         after_ids = self._tokenize([after])[0] if after.strip() else []
@@ -231,7 +237,12 @@ class ContextBuilder:
         if cfg.query_prefix is not None:
             ids += [*self._query_prefix_ids, *query_utt, self.sep_id]
         ids += prompt
-        mask_index = len(ids) - 1 - prompt[::-1].index(self.mask_id)
+        if prompt:
+            mask_index = len(ids) - 1 - prompt[::-1].index(self.mask_id)
+        else:  # no prompt: the context block ends with its own [SEP]; read the encoder at [CLS]
+            if ids[-1] != self.sep_id:
+                ids.append(self.sep_id)
+            mask_index = 0
         first = turn_index - len(window) + 1
         return ModelInput(tuple(ids), mask_index, turn_index, first + start, context_cut, query_cut)
 
