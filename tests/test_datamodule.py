@@ -44,6 +44,14 @@ def test_length_bucket_sampler_covers_everything_once_and_reshuffles():
     assert sorted(i for b in sorted_batches(lengths, 7) for i in b) == list(range(250))
 
 
+def test_length_bucket_sampler_shards_batches_across_ddp_ranks():
+    lengths = list(range(100))
+    ranks = [list(LengthBucketSampler(lengths, 8, seed=1, num_replicas=3, rank=r)) for r in range(3)]
+    assert [len(r) for r in ranks] == [4, 4, 4]  # 13 batches: every rank gets the same count
+    flat = [i for r in ranks for b in r for i in b]
+    assert len(flat) == len(set(flat))  # no example twice
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-bert"])
 def test_prompted_classifier_shapes_save_and_load(tmp_path, fixture_data, name):
     labels = ("a", "b", "c")

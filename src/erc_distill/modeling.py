@@ -15,6 +15,7 @@ Saved as a folder: ``encoder/`` (``save_pretrained``: config + safetensors), ``t
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,8 +179,21 @@ def load_encoder(name_or_path: str | Path, labels: tuple[str, ...], dropout: flo
     else:
         location = resolve_pretrained(name).location
     tokenizer = AutoTokenizer.from_pretrained(location)
-    try:
-        encoder = AutoModel.from_pretrained(location, add_pooling_layer=False)
-    except TypeError:  # encoders without a pooler argument
-        encoder = AutoModel.from_pretrained(location)
+    with _quiet_transformers():  # the checkpoint's unused pooler weights are expected: no report
+        try:
+            encoder = AutoModel.from_pretrained(location, add_pooling_layer=False)
+        except TypeError:  # encoders without a pooler argument
+            encoder = AutoModel.from_pretrained(location)
     return PromptedClassifier(encoder, labels, dropout, source=name), tokenizer
+
+
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)

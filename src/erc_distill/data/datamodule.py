@@ -111,7 +111,8 @@ class LengthBucketSampler(Sampler[list[int]]):
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, pool_batches: int = 50,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, num_replicas: int = 1, rank: int = 0) -> None:
+        self.num_replicas, self.rank = num_replicas, rank
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.seed = seed
@@ -134,11 +135,14 @@ class LengthBucketSampler(Sampler[list[int]]):
             batches = [b for b in batches if len(b) == self.batch_size]
         rng.shuffle(batches)
         self.epoch += 1  # a fresh order next epoch even when nobody calls set_epoch
+        if self.num_replicas > 1:  # DDP: rank r takes batches r, r + R, ...; every rank the same count
+            batches = batches[self.rank :: self.num_replicas][: len(self)]
         return iter(batches)
 
     def __len__(self) -> int:
         n = len(self.lengths)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        total = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return total // self.num_replicas if self.num_replicas > 1 else total
 
 
 def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -205,7 +209,10 @@ class ErcDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ex = self.examples_of("train")
-        sampler = LengthBucketSampler([len(e.input_ids) for e in ex], self.batch_size, seed=self.seed)
+        trainer = self.trainer  # set by Lightning during fit; None when used on its own
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = LengthBucketSampler([len(e.input_ids) for e in ex], self.batch_size, seed=self.seed,
+                                      num_replicas=replicas, rank=rank)
         return DataLoader(ExampleDataset(ex), batch_sampler=sampler, collate_fn=self._collator(True),
                           num_workers=self.num_workers)
 

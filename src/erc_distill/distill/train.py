@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def train_model(
     run resume where it stopped; ``out_dir/checkpoints/best.ckpt`` keeps the best weights;
     ``out_dir/log/`` holds the per-step CSV log.
     """
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # a Lightning-internal deprecation
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     L.seed_everything(cfg.seed, workers=True, verbose=False)
