@@ -12,7 +12,7 @@ def test_hand_computed_case():
     pred = [0, 0, 1, 1, 2, 2]
     m = compute_metrics(pred, gold, ["a", "b", "c", "d"])
     # F1: a = 2*2/(2*2+0+1) = 0.8; b = 2/(2+1+1) = 0.5; c = 2/(2+1+0) = 2/3; d absent everywhere
-    assert m.per_class_f1 == pytest.approx({"a": 0.8, "b": 0.5, "c": 2 / 3, "d": 0.0})
+    assert m.per_class == pytest.approx({"a": 0.8, "b": 0.5, "c": 2 / 3, "d": 0.0})
     assert m.weighted_f1 == pytest.approx((3 * 0.8 + 2 * 0.5 + 1 * 2 / 3) / 6)
     assert m.macro_f1 == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)  # over classes seen in gold or preds
     assert m.accuracy == pytest.approx(4 / 6)
@@ -23,7 +23,7 @@ def test_hand_computed_case():
 
 def test_class_predicted_but_never_gold():
     m = compute_metrics([0, 1], [0, 0], ["neutral", "joy"])
-    assert m.per_class_f1 == pytest.approx({"neutral": 2 / 3, "joy": 0.0})
+    assert m.per_class == pytest.approx({"neutral": 2 / 3, "joy": 0.0})
     assert m.weighted_f1 == pytest.approx(2 / 3)  # joy has no support: weight 0
     assert m.macro_f1 == pytest.approx(1 / 3)
     assert m.accuracy == pytest.approx(0.5)

@@ -89,11 +89,15 @@ def test_a_killed_run_resumes_from_its_checkpoint(fixture_data, tmp_path, monkey
     assert student_steps["n"] - before < 15  # it went on, it did not start over
 
 
-def test_ce_only_student_needs_no_teacher(fixture_data, tmp_path):
-    assert main(argv(fixture_data, tmp_path, "--loss", "ce=1")) == 0
+@pytest.mark.parametrize("corpus, n_labels", [("meld", 7), ("emorynlp", 7), ("iemocap", 6)])
+def test_ce_only_student_needs_no_teacher(fixture_data, tmp_path, corpus, n_labels):
+    args = argv(fixture_data, tmp_path, "--loss", "ce=1", "--teacher", "none", "--context", "plain")
+    args[args.index("--data") + 1] = corpus
+    assert main(args) == 0
     m = manifest(tmp_path)
     assert set(m["stages"]) == {"distill", "evaluate"}
-    assert set(json.loads((tmp_path / "run" / "metrics.json").read_text())) == {"student"}
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics) == {"student"} and len(metrics["student"]["test"]["per_class"]) == n_labels
 
 
 def test_teacher_and_student_with_different_tokenizers(fixture_data, tmp_path):

@@ -139,7 +139,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from erc_distill.pipeline import STAGES, Run
 
     cfg = run_config(args)
-    out = args.out or Path("runs") / f"{cfg.data}-{Path(str(cfg.teacher)).name}-{Path(cfg.student).name}"
+    names = [cfg.data, *([Path(cfg.teacher).name] if cfg.uses_teacher else []), Path(cfg.student).name]
+    out = args.out or Path("runs") / "-".join(names)
     stages = STAGES if args.command in (None, "run") else STAGES[: STAGES.index(args.command) + 1]
     run = Run(cfg, out, args.cache_dir, progress=True)
     run.run(stages)

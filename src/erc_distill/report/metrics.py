@@ -30,7 +30,8 @@ class ClassificationMetrics:
     weighted_f1: float
     macro_f1: float
     accuracy: float
-    per_class_f1: dict[str, float]
+    per_class: dict[str, float]
+    """F1 of each label."""
     support: dict[str, int]
     confusion: list[list[int]]
     labels: tuple[str, ...]
@@ -67,7 +68,7 @@ def compute_metrics(
         weighted_f1=float(multiclass_f1_score(preds, target, num_classes=c, average="weighted", zero_division=0)),
         macro_f1=float(per_class[present].mean()),
         accuracy=float(multiclass_accuracy(preds, target, num_classes=c, average="micro")),
-        per_class_f1={label: float(v) for label, v in zip(labels, per_class)},
+        per_class={label: float(v) for label, v in zip(labels, per_class)},
         support={label: int(v) for label, v in zip(labels, support)},
         confusion=multiclass_confusion_matrix(preds, target, num_classes=c).tolist(),
         labels=tuple(labels),
