@@ -157,3 +157,16 @@ def test_every_registered_term_is_buildable():
     for name in LOSSES:
         obj = build_objective(LossConfig(weights={name: 1.0}), 3, 4, 4, torch.tensor([5, 3, 2]), 2)
         assert name in obj.terms
+
+
+def test_spcl_curriculum_starts_with_the_easy_half():
+    term = SPCLPrototype(num_classes=2, dim=2, queue_size=8, k=8, tau=1.0, curriculum=True)
+    term.enqueue(torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4), torch.tensor([0] * 4 + [1] * 4))
+    z = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.9], [0.0, 1.0], [0.9, 1.0]]), dim=-1)
+    y = torch.tensor([0, 0, 1, 1])
+    protos, proto_y = term.prototypes()
+    term.progress = 0.0
+    assert term._curriculum_anchors(z, y, protos, proto_y).tolist() == [True, False, True, False]
+    term.progress = 1.0
+    assert term._curriculum_anchors(z, y, protos, proto_y).all()
+    assert "curriculum" in term.describe()

@@ -83,7 +83,8 @@ def _run_options() -> argparse.ArgumentParser:
     g.add_argument("--loss", default="ce=1,dist=1,feature=0.5", help="student objective, name=weight,...")
     g.add_argument("--teacher-loss", default="ce=1", help="teacher objective")
     g.add_argument("--tau", type=float, default=4.0, help="temperature of kd / dist")
-    g.add_argument("--class-weight-power", type=float, default=0.0)
+    g.add_argument("--class-weight-power", type=float, default=0.0, help="ce class weights (N / C n_c)^p")
+    g.add_argument("--spcl-curriculum", action="store_true", help="SPCL's easy-to-hard curriculum for the spcl term")
     g.add_argument("--epochs", type=int, default=3)
     g.add_argument("--teacher-epochs", type=int, default=3)
     g.add_argument("--lr", type=float, default=5e-5)
@@ -130,7 +131,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         student_train=TrainConfig(epochs=args.epochs, seed=args.seed,
                                   optim=OptimConfig(lr=args.lr, head_lr=args.head_lr, layer_decay=args.layer_decay),
                                   **common),
-        loss=LossConfig(weights=parse_loss_spec(args.loss), tau=args.tau, class_weight_power=args.class_weight_power),
+        loss=LossConfig(weights=parse_loss_spec(args.loss), tau=args.tau, class_weight_power=args.class_weight_power,
+                        spcl_curriculum=args.spcl_curriculum),
     )
     return quick(cfg) if args.quick else cfg
 

@@ -283,18 +283,26 @@ class SPCLPrototype(LossTerm):
 
     P(i) = same-label batch samples and i's class prototype. Before a class has features in its
     queue it has no prototype (the loss reduces to SupCon).
+
+    Curriculum (``curriculum=True``, SPCL's easy-to-hard schedule): an anchor's difficulty is
+    d_i = 1 − cos(z_i, prototype_{y_i}); only anchors with d_i at or below the q-quantile of the batch
+    count, q = 0.5 + 0.5 · progress, where ``progress`` in [0, 1] is the fraction of training done
+    (set by the training loop on the objective).
     """
 
-    def __init__(self, num_classes: int, dim: int, queue_size: int = 64, k: int = 8, tau: float = 0.1, seed: int = 0):
+    def __init__(self, num_classes: int, dim: int, queue_size: int = 64, k: int = 8, tau: float = 0.1,
+                 seed: int = 0, curriculum: bool = False):
         super().__init__()
         self.num_classes, self.queue_size, self.k, self.tau = num_classes, queue_size, k, tau
+        self.curriculum = curriculum
+        self.progress = 1.0
         self.register_buffer("queue", torch.zeros(num_classes, queue_size, dim))
         self.register_buffer("filled", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.long))
         self.generator = torch.Generator().manual_seed(seed)
 
     def describe(self) -> str:
-        return f"spcl(τ={self.tau:g}, K={self.k}, queue={self.queue_size})"
+        return f"spcl(τ={self.tau:g}, K={self.k}, queue={self.queue_size}{', curriculum' if self.curriculum else ''})"
 
     def prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(prototypes [C', H], their classes [C']) for classes whose queue is not empty."""
@@ -309,6 +317,20 @@ class SPCLPrototype(LossTerm):
         if not protos:
             return self.queue.new_zeros(0, self.queue.shape[-1]), self.filled.new_zeros(0)
         return torch.stack(protos), torch.tensor(classes, device=self.queue.device)
+
+    @torch.no_grad()
+    def _curriculum_anchors(self, z, y, protos, proto_y) -> torch.Tensor | None:
+        """Anchors easy enough for the current stage of training (None: no prototypes yet)."""
+        if len(protos) == 0 or len(z) == 0:
+            return None
+        own = torch.full((len(z),), -1, dtype=torch.long, device=z.device)
+        for j, c in enumerate(proto_y.tolist()):
+            own[y == c] = j
+        has = own >= 0
+        difficulty = torch.zeros(len(z), device=z.device)
+        difficulty[has] = 1 - (z[has] * protos[own[has]].to(z.dtype)).sum(-1)
+        q = 0.5 + 0.5 * min(max(self.progress, 0.0), 1.0)
+        return (difficulty <= torch.quantile(difficulty, q)) | ~has
 
     @torch.no_grad()
     def enqueue(self, z: torch.Tensor, y: torch.Tensor) -> None:
@@ -326,7 +348,11 @@ class SPCLPrototype(LossTerm):
         key_y = torch.cat([y, proto_y])
         exclude = torch.zeros(len(z), len(keys), dtype=torch.bool, device=z.device)
         exclude[:, : len(z)] = torch.eye(len(z), dtype=torch.bool, device=z.device)
-        loss = _contrastive(z, y, keys, key_y, self.tau, exclude)
+        anchors = self._curriculum_anchors(z, y, protos, proto_y) if self.curriculum and self.training else None
+        if anchors is not None:
+            loss = _contrastive(z[anchors], y[anchors], keys, key_y, self.tau, exclude[anchors])
+        else:
+            loss = _contrastive(z, y, keys, key_y, self.tau, exclude)
         if self.training:
             self.enqueue(z, y)
         return loss

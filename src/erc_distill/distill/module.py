@@ -43,6 +43,8 @@ class ErcModule(L.LightningModule):
         return self.model(batch.input_ids, batch.attention_mask, batch.mask_index, output_hidden_states)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        self.objective.set_progress(self.global_step / total)
         out = self(batch, output_hidden_states=self.objective.needs_hidden)
         loss = self.objective(out, batch)
         self.log("train_loss", loss.total, prog_bar=True, batch_size=len(batch))

@@ -60,6 +60,7 @@ class LossConfig:
     contrastive_tau: float = 0.1
     spcl_queue: int = 64
     spcl_k: int = 8
+    spcl_curriculum: bool = False
     hidden_layers: int = 2
     """``hidden``: the last n student layers are matched to the n teacher layers in the cache."""
 
@@ -88,6 +89,12 @@ class Objective(nn.Module):
     @property
     def needs_hidden(self) -> bool:
         return any(t.needs_hidden for t in self.terms.values())
+
+    def set_progress(self, progress: float) -> None:
+        """Tell schedule-aware terms (SPCL's curriculum) the fraction of training done, in [0, 1]."""
+        for term in self.terms.values():
+            if hasattr(term, "progress"):
+                term.progress = progress
 
     def forward(self, student: ModelOutput, batch: Batch) -> LossOutput:
         values = {name: term(student, batch) for name, term in self.terms.items()}
@@ -132,7 +139,8 @@ def build_objective(
         elif name == "supcon":
             term = SupCon(cfg.contrastive_tau)
         elif name == "spcl":
-            term = SPCLPrototype(num_classes, student_dim, cfg.spcl_queue, cfg.spcl_k, cfg.contrastive_tau)
+            term = SPCLPrototype(num_classes, student_dim, cfg.spcl_queue, cfg.spcl_k, cfg.contrastive_tau,
+                                 curriculum=cfg.spcl_curriculum)
         else:  # registered by a plug-in: built without arguments
             term = LOSSES[name]()
         terms[name] = (term, weight)
