@@ -170,3 +170,11 @@ def test_spcl_curriculum_starts_with_the_easy_half():
     term.progress = 1.0
     assert term._curriculum_anchors(z, y, protos, proto_y).all()
     assert "curriculum" in term.describe()
+
+
+def test_loss_key_holds_only_the_terms_in_use():
+    ce = LossConfig(weights={"ce": 1.0})
+    assert ce.key() == LossConfig(weights={"ce": 1.0}, tau=2.0, spcl_curriculum=True).key()
+    assert ce.key() != LossConfig(weights={"ce": 1.0}, class_weight_power=0.5).key()
+    kd = LossConfig(weights={"ce": 1.0, "dist": 1.0})
+    assert kd.key() != LossConfig(weights={"ce": 1.0, "dist": 1.0}, tau=2.0).key()

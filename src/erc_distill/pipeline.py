@@ -142,7 +142,7 @@ class Run:
     @property
     def teacher_key(self) -> str:
         c = self.cfg
-        return _key(c.teacher, c.data, c.teacher_context, c.teacher_train, c.teacher_loss, c.limit)
+        return _key(c.teacher, c.data, c.teacher_context, c.teacher_train, c.teacher_loss.key(), c.limit)
 
     @property
     def teacher_dir(self) -> Path:
@@ -194,7 +194,7 @@ class Run:
     def run_distill(self) -> dict[str, Any]:
         c = self.cfg
         cache_dir = self.manifest["stages"]["cache"]["artifacts"]["cache"] if c.uses_teacher else None
-        key = _key(c.student, c.data, c.student_context, c.student_train, c.loss, c.limit,
+        key = _key(c.student, c.data, c.student_context, c.student_train, c.loss.key(), c.limit,
                    self.manifest["stages"]["cache"]["key"] if cache_dir else None)
 
         def fit() -> dict[str, Any]:

@@ -68,6 +68,26 @@ class LossConfig:
     def needs_teacher(self) -> bool:
         return any(LOSSES[name].needs_teacher for name in self.weights)
 
+    def key(self) -> dict[str, object]:
+        """The weights and only the hyper-parameters of the terms in use (for stage keys: tuning a
+        term that is not used, or adding a new one, leaves a cached teacher valid)."""
+        used = {"weights": dict(sorted(self.weights.items()))}
+        for name in self.weights:
+            for f in _TERM_FIELDS.get(name, ()):
+                used[f] = getattr(self, f)
+        return used
+
+
+_TERM_FIELDS = {
+    "ce": ("focal_gamma", "class_weight_power", "label_smoothing"),
+    "kd": ("tau",),
+    "dist": ("tau",),
+    "feature": ("feature_tau",),
+    "hidden": ("hidden_layers",),
+    "supcon": ("contrastive_tau",),
+    "spcl": ("contrastive_tau", "spcl_queue", "spcl_k", "spcl_curriculum"),
+}
+
 
 @dataclass
 class LossOutput:
