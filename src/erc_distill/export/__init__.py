@@ -1,0 +1,1 @@
+"""Export: ONNX graphs checked against PyTorch (INT8 quantization and TensorRT engines build on them)."""

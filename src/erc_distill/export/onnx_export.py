@@ -1,0 +1,121 @@
+"""ONNX export of a :class:`PromptedClassifier`, checked where it is made.
+
+The graph takes ``input_ids`` [B, T] int64, ``attention_mask`` [B, T] int64 and ``mask_index`` [B] int64
+(dynamic batch and sequence axes) and returns ``logits`` [B, C]. After export the graph passes
+``onnx.checker`` and is compared with PyTorch through ONNX Runtime on real batches: a float export
+must agree within ``atol`` (max |logit difference|, default 1e-4) or export fails with the numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from erc_distill.data.datamodule import Batch
+from erc_distill.modeling import PromptedClassifier
+
+INPUT_NAMES = ("input_ids", "attention_mask", "mask_index")
+OUTPUT_NAMES = ("logits",)
+DEFAULT_OPSET = 17
+
+
+class ExportError(RuntimeError):
+    """An exported artifact failed its check; the message carries the measured numbers."""
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: PromptedClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_index: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, attention_mask, mask_index).logits
+
+
+def export_onnx(model: PromptedClassifier, path: str | Path, opset: int = DEFAULT_OPSET, pad_id: int = 0) -> Path:
+    """Write ``model`` as ONNX to ``path`` and run ``onnx.checker`` on it."""
+    import onnx
+
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17, got {opset}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = _LogitsOnly(model).eval()
+    # trace with padding present, so the attention-mask path is in the graph
+    ids = torch.arange(5, 17).repeat(2, 1)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    ids[1, 8:] = pad_id
+    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+               "mask_index": {0: "batch"}, "logits": {0: "batch"}}
+    with torch.no_grad():
+        torch.onnx.export(wrapper, (ids, mask, torch.tensor([3, 7])), str(path), input_names=list(INPUT_NAMES),
+                          output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+    model.eval()  # the exporter restores the wrapper's training flag; keep the model in eval mode
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def ort_session(path: str | Path, threads: int | None = None):
+    """A CPU ONNX Runtime session with full graph optimisation (``threads``: intra-op threads)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_inputs(batch: Batch) -> dict[str, np.ndarray]:
+    return {"input_ids": batch.input_ids.numpy(), "attention_mask": batch.attention_mask.numpy(),
+            "mask_index": batch.mask_index.numpy()}
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """ONNX Runtime against a reference (PyTorch, or the float graph for INT8)."""
+
+    n: int
+    max_abs_diff: float
+    argmax_agreement: float
+
+    def __str__(self) -> str:
+        return f"n={self.n}, max |Δlogit| {self.max_abs_diff:.2e}, argmax agreement {100 * self.argmax_agreement:.2f}%"
+
+
+def compare(reference: Iterable[np.ndarray], candidate: Iterable[np.ndarray]) -> ParityReport:
+    ref = np.concatenate(list(reference))
+    cand = np.concatenate(list(candidate))
+    return ParityReport(len(ref), float(np.abs(ref - cand).max()), float((ref.argmax(1) == cand.argmax(1)).mean()))
+
+
+def check_float_parity(model: PromptedClassifier, onnx_path: str | Path, batches: Iterable[Batch],
+                       atol: float = 1e-4) -> ParityReport:
+    """Max |logit difference| of the ONNX graph vs PyTorch on ``batches``; ExportError above ``atol``."""
+    session = ort_session(onnx_path)
+    model.eval()
+    batches = list(batches)
+    with torch.no_grad():
+        reference = [model(b.input_ids, b.attention_mask, b.mask_index).logits.numpy() for b in batches]
+    report = compare(reference, (session.run(None, ort_inputs(b))[0] for b in batches))
+    if not report.max_abs_diff <= atol:
+        raise ExportError(f"ONNX export of {onnx_path} differs from PyTorch: {report} (allowed max |Δlogit| {atol:g})")
+    return report
+
+
+def check_int8_agreement(float_path: str | Path, int8_path: str | Path, batches: Iterable[Batch],
+                         min_agreement: float = 0.99) -> ParityReport:
+    """Argmax agreement of an INT8 graph with its float reference; ExportError below ``min_agreement``."""
+    ref, cand = ort_session(float_path), ort_session(int8_path)
+    batches = list(batches)
+    report = compare((ref.run(None, ort_inputs(b))[0] for b in batches), (cand.run(None, ort_inputs(b))[0] for b in batches))
+    if report.argmax_agreement < min_agreement:
+        raise ExportError(f"INT8 model {int8_path} disagrees with {float_path}: {report} "
+                          f"(needs argmax agreement >= {100 * min_agreement:.1f}%)")
+    return report
