@@ -27,7 +27,9 @@ def test_full_run_writes_every_artifact(fixture_data, tmp_path, capsys):
     out = capsys.readouterr().out
     run = tmp_path / "run"
     m = manifest(tmp_path)
-    assert [m["stages"][s]["status"] for s in ("teacher", "cache", "distill", "evaluate")] == ["done"] * 4
+    assert [m["stages"][s]["status"] for s in ("teacher", "cache", "distill", "evaluate", "export")] == ["done"] * 5
+    assert m["stages"]["export"]["parity"]["max_abs_diff"] <= 1e-4
+    assert (run / "bundle" / "model.onnx").is_file() and (run / "bundle" / "bundle.json").is_file()
     assert m["config"]["loss"]["weights"] == {"ce": 1.0, "dist": 1.0, "feature": 0.5}
     assert "torch" in m["versions"] and m["stages"]["distill"]["wall_s"] >= 0
     assert m["stages"]["distill"]["objective"] == "L = 1·ce + 1·dist(τ=4) + 0.5·feature(τ=1)"
@@ -54,7 +56,7 @@ def test_unchanged_stages_are_skipped_and_changed_ones_rerun(fixture_data, tmp_p
     capsys.readouterr()
     main(argv(fixture_data, tmp_path))
     out = capsys.readouterr().out
-    assert out.count("up to date") == 4
+    assert out.count("up to date") == 5
     main(argv(fixture_data, tmp_path, "--loss", "ce=1,kd=1"))
     out = capsys.readouterr().out
     assert "[teacher] up to date" in out and "[cache] up to date" in out
@@ -95,7 +97,7 @@ def test_ce_only_student_needs_no_teacher(fixture_data, tmp_path, corpus, n_labe
     args[args.index("--data") + 1] = corpus
     assert main(args) == 0
     m = manifest(tmp_path)
-    assert set(m["stages"]) == {"distill", "evaluate"}
+    assert set(m["stages"]) == {"distill", "evaluate", "export"}
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics) == {"student"} and len(metrics["student"]["test"]["per_class"]) == n_labels
 
@@ -106,3 +108,11 @@ def test_teacher_and_student_with_different_tokenizers(fixture_data, tmp_path):
     assert main(args + ["--loss", "ce=1,dist=1,feature=1,hidden=0.5,supcon=0.1,spcl=0.1"]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["student"]["test"]["n"] == 3 and metrics["teacher"]["test"]["n"] == 3
+
+
+def test_telme_context_adds_speaker_tokens(fixture_data, tmp_path):
+    assert main(argv(fixture_data, tmp_path, "--context", "telme", "--teacher-context", "telme")) == 0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "student" / "model" / "tokenizer")
+    assert tok.convert_tokens_to_ids("<s1>") != tok.unk_token_id

@@ -1,8 +1,8 @@
 """``erc-distill``: the command line.
 
 ``erc-distill --teacher T --student S --data D --out runs/NAME`` runs the whole pipeline
-(teacher -> cache -> distill -> evaluate); ``erc-distill teacher|cache|distill|evaluate ...`` runs one
-stage (with the stages before it, skipped when up to date).
+(teacher -> cache -> distill -> evaluate -> export); ``erc-distill teacher|cache|...|export ...`` runs
+up to that stage (the stages before it are skipped when up to date).
 
 Subcommands (each prints a readable summary; ``--json`` where a machine reads it):
 
@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for stage, text in (("run", "the whole pipeline (the default)"), ("teacher", "fine-tune the teacher"),
                         ("cache", "cache the teacher's outputs"), ("distill", "train the student"),
-                        ("evaluate", "score teacher and student, write metrics.json and predictions")):
+                        ("evaluate", "score teacher and student, write metrics.json and predictions"),
+                        ("export", "the student as an ONNX inference bundle, checked against PyTorch")):
         sub.add_parser(stage, parents=[run_opts], help=text).set_defaults(func=cmd_run)
 
     p = sub.add_parser("data-stats", help="per-split counts, labels and input token lengths of a corpus")
@@ -192,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="minilm-l6", help="tokenizer: preset, hub id or folder")
     p.add_argument("--ids", action="store_true", help="also print the token ids")
     p.set_defaults(func=cmd_show_input)
+
+    p = sub.add_parser("stream", help="classify turns read as JSON lines from stdin with an exported bundle")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder (runs/NAME/bundle)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("fetch-data", help="download (or copy with --from) a corpus, verified by SHA-256")
     p.add_argument("corpus", choices=sorted(c for c in CORPORA if CORPORA[c].source_url))
@@ -283,6 +289,30 @@ def cmd_show_input(args: argparse.Namespace) -> int:
     print(builder.decode(x))
     if args.ids:
         print("\nids: " + " ".join(map(str, x.input_ids)))
+    return 0
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    """stdin: ``{"conversation": ID, "speaker": S, "text": T}`` per line; stdout: one prediction per line."""
+    from erc_distill.runtime import Bundle, StreamingRecognizer
+
+    recognizer = StreamingRecognizer(Bundle.load(args.bundle, threads=args.threads))
+    for number, line in enumerate(sys.stdin, start=1):
+        if not line.strip():
+            continue
+        try:
+            turn = json.loads(line)
+        except json.JSONDecodeError as err:
+            print(json.dumps({"error": f"line {number}: not JSON ({err.msg})"}), flush=True)
+            continue
+        missing = [k for k in ("speaker", "text") if not isinstance(turn, dict) or k not in turn]
+        if missing:
+            print(json.dumps({"error": f"line {number}: missing {missing[0]!r}"}), flush=True)
+            continue
+        p = recognizer.push(str(turn["speaker"]), str(turn["text"]), str(turn.get("conversation", "default")))
+        print(json.dumps({"conversation": p.conversation, "turn": p.turn, "speaker": p.speaker, "label": p.label,
+                          "probabilities": {k: round(v, 6) for k, v in p.probabilities.items()},
+                          "latency_ms": round(p.latency_ms, 3)}), flush=True)
     return 0
 
 

@@ -197,3 +197,12 @@ def _quiet_transformers():
         yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+def prepare_for_context(model: PromptedClassifier, tokenizer: Any, context: "ContextConfig") -> None:
+    """Make tokenizer and model ready for ``context``: speaker tokens (``<s1>``...) for TelME-style
+    ``speaker_style='index'``, added as special tokens with the embedding matrix resized."""
+    from erc_distill.data.context import add_speaker_tokens
+
+    if context.speaker_style == "index" and add_speaker_tokens(tokenizer):
+        model.encoder.resize_token_embeddings(len(tokenizer))

@@ -31,10 +31,10 @@ from erc_distill.data.paths import user_cache_dir
 from erc_distill.distill.module import predict
 from erc_distill.distill.objective import LossConfig, build_objective
 from erc_distill.distill.train import TrainConfig, train_model
-from erc_distill.modeling import PromptedClassifier, load_encoder
+from erc_distill.modeling import PromptedClassifier, load_encoder, prepare_for_context
 from erc_distill.report.metrics import compute_metrics
 
-STAGES = ("teacher", "cache", "distill", "evaluate")
+STAGES = ("teacher", "cache", "distill", "evaluate", "export")
 CACHE_ENV = "ERC_DISTILL_CACHE"
 
 
@@ -155,6 +155,7 @@ class Run:
                 return json.loads((folder / "result.json").read_text())
             c = self.cfg
             model, tok = load_encoder(c.teacher, self.labels)
+            prepare_for_context(model, tok, c.teacher_context)
             dm = self._datamodule(tok, c.teacher_context, c.teacher_train)
             objective = build_objective(c.teacher_loss, len(self.labels), model.hidden_size,
                                         class_counts=self._class_counts(dm))
@@ -202,6 +203,7 @@ class Run:
 
             teacher = TeacherCache(cache_dir) if cache_dir else None
             model, tok = load_encoder(c.student, self.labels)
+            prepare_for_context(model, tok, c.student_context)
             dm = self._datamodule(tok, c.student_context, c.student_train, teacher)
             teacher_dim = teacher.arrays["train"]["features"].shape[1] if teacher else None
             objective = build_objective(c.loss, len(self.labels), model.hidden_size, teacher_dim,
@@ -250,6 +252,29 @@ class Run:
 
         return self.stage("evaluate", key, evaluate)
 
+    def run_export(self) -> dict[str, Any]:
+        """The student as an inference bundle (float ONNX), checked against PyTorch on dev."""
+        record = self.manifest["stages"]["distill"]
+        key = _key(record["key"], "bundle-v1")
+
+        def export() -> dict[str, Any]:
+            from transformers import AutoTokenizer
+
+            from erc_distill.export.bundle import write_bundle
+            from erc_distill.export.onnx_export import check_float_parity
+
+            folder = Path(record["artifacts"]["model"])
+            model = PromptedClassifier.load(folder).eval()
+            tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
+            bundle = write_bundle(model, tok, self.cfg.student_context, self.out / "bundle",
+                                  provenance={"run": str(self.out), "distill_key": record["key"]})
+            dm = self._datamodule(tok, self.cfg.student_context, self.cfg.student_train)
+            parity = check_float_parity(model, bundle / "model.onnx", dm.eval_dataloader("dev"))
+            self.log(f"bundle {bundle}: ONNX vs PyTorch on dev: {parity}")
+            return {"artifacts": {"bundle": str(bundle)}, "parity": asdict(parity)}
+
+        return self.stage("export", key, export)
+
     def run(self, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
         self.save_manifest()
         if self.cfg.uses_teacher:
@@ -261,6 +286,8 @@ class Run:
             self.run_distill()
         if "evaluate" in stages:
             self.run_evaluate()
+        if "export" in stages:
+            self.run_export()
         return self.manifest
 
 

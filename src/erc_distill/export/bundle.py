@@ -1,0 +1,46 @@
+"""Write an inference bundle (see :mod:`erc_distill.runtime.bundle`) from a trained model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from erc_distill.data.context import ContextConfig
+from erc_distill.export.onnx_export import INPUT_NAMES, export_onnx
+from erc_distill.modeling import PromptedClassifier
+from erc_distill.runtime.bundle import BUNDLE_FORMAT
+
+
+def write_bundle(model: PromptedClassifier, tokenizer: Any, context: ContextConfig, folder: str | Path,
+                 provenance: dict[str, Any] | None = None) -> Path:
+    """Export ``model`` to ``folder/model.onnx`` and write the tokenizer and ``bundle.json`` beside it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("the bundle needs a fast tokenizer (tokenizers library); this one is slow")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    export_onnx(model, folder / "model.onnx", pad_id=pad)
+    tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    special = {
+        "cls": tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id,
+        "sep": tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id,
+        "mask": tokenizer.mask_token_id,
+        "pad": pad,
+    }
+    meta = {
+        "format": BUNDLE_FORMAT,
+        "model": "model.onnx",
+        "tokenizer": "tokenizer.json",
+        "labels": list(model.labels),
+        "context": asdict(context),
+        "special_ids": special,
+        "inputs": list(INPUT_NAMES),
+        "source": model.source,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({"provenance": provenance} if provenance else {}),
+    }
+    (folder / "bundle.json").write_text(json.dumps(meta, indent=2))
+    return folder
