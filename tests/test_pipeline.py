@@ -116,3 +116,23 @@ def test_telme_context_adds_speaker_tokens(fixture_data, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "student" / "model" / "tokenizer")
     assert tok.convert_tokens_to_ids("<s1>") != tok.unk_token_id
+
+
+def test_quantize_every_method_with_its_checks(fixture_data, tmp_path, capsys):
+    args = ["quantize", *argv(fixture_data, tmp_path, "--loss", "ce=1", "--teacher", "none"), "--budget", "100",
+            "--calibration-turns", "16"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    checks = manifest(tmp_path)["stages"]["quantize"]["checks"]
+    assert set(checks) == {"ort-dynamic", "ort-static", "nncf-ptq"}
+    for method, c in checks.items():
+        assert (tmp_path / "run" / "bundle" / f"model-int8-{method}.onnx").is_file()
+        assert 0 <= c["argmax_agreement"] <= 1 and method in out
+
+
+def test_quantize_fails_with_both_numbers_beyond_the_budget(fixture_data, tmp_path, capsys):
+    args = ["quantize", *argv(fixture_data, tmp_path, "--loss", "ce=1", "--teacher", "none"), "--budget", "-1",
+            "--method", "ort-dynamic"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "INT8 dev weighted F1" in err and "below the float model's" in err and "budget -1 points" in err

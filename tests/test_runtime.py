@@ -53,6 +53,7 @@ def test_bundle_loads_without_torch(bundle_dir, fixture_data):
     folder, _, _ = bundle_dir
     code = f"""
 import sys
+import erc_distill.cli  # the `erc-distill stream` entry point must not pull torch in either
 from erc_distill.runtime import Bundle, StreamingRecognizer
 r = StreamingRecognizer(Bundle.load({str(folder)!r}))
 print(r.push("Ross", "Hi there!").label)

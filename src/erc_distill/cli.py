@@ -19,14 +19,17 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from erc_distill import __version__
 from erc_distill.data.context import CONTEXT_PRESETS, ContextBuilder, ContextConfig, context_preset
 from erc_distill.data.corpora import CORPORA, get_corpus, load_corpus
 from erc_distill.data.paths import DATA_ENV, resolve_data_dir
 from erc_distill.data.types import SPLITS
-from erc_distill.errors import DataError
-from erc_distill.pipeline import RunConfig
+from erc_distill.errors import DataError, ExportError
+
+if TYPE_CHECKING:  # the pipeline pulls in torch; `erc-distill stream` must run without it
+    from erc_distill.pipeline import RunConfig
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -106,11 +109,11 @@ def _run_options() -> argparse.ArgumentParser:
     return p
 
 
-def run_config(args: argparse.Namespace) -> RunConfig:
+def run_config(args: argparse.Namespace) -> "RunConfig":
     from erc_distill.distill.module import OptimConfig
     from erc_distill.distill.objective import LossConfig, parse_loss_spec
     from erc_distill.distill.train import TrainConfig
-    from erc_distill.pipeline import quick
+    from erc_distill.pipeline import RunConfig, quick
 
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     common = dict(batch_size=args.batch_size, accumulate=args.accumulate, accelerator=args.accelerator,
@@ -137,12 +140,16 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     return quick(cfg) if args.quick else cfg
 
 
+def _out_dir(args: argparse.Namespace, cfg: "RunConfig") -> Path:
+    names = [cfg.data, *([Path(cfg.teacher).name] if cfg.uses_teacher else []), Path(cfg.student).name]
+    return args.out or Path("runs") / "-".join(names)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from erc_distill.pipeline import STAGES, Run
 
     cfg = run_config(args)
-    names = [cfg.data, *([Path(cfg.teacher).name] if cfg.uses_teacher else []), Path(cfg.student).name]
-    out = args.out or Path("runs") / "-".join(names)
+    out = _out_dir(args, cfg)
     stages = STAGES if args.command in (None, "run") else STAGES[: STAGES.index(args.command) + 1]
     run = Run(cfg, out, args.cache_dir, progress=True)
     run.run(stages)
@@ -194,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", action="store_true", help="also print the token ids")
     p.set_defaults(func=cmd_show_input)
 
+    p = sub.add_parser("quantize", parents=[run_opts], help="INT8 graphs of the run's bundle, checked on dev")
+    p.add_argument("--method", nargs="+", default=["ort-dynamic", "ort-static", "nncf-ptq"],
+                   choices=["ort-dynamic", "ort-static", "nncf-ptq"])
+    p.add_argument("--budget", type=float, default=1.0, help="allowed dev weighted-F1 drop, points")
+    p.add_argument("--calibration-turns", type=int, default=256)
+    p.set_defaults(func=cmd_quantize)
+
     p = sub.add_parser("stream", help="classify turns read as JSON lines from stdin with an exported bundle")
     p.add_argument("--bundle", type=Path, required=True, help="bundle folder (runs/NAME/bundle)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
@@ -217,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (DataError, OSError, ValueError, KeyError) as err:
+    except (DataError, ExportError, OSError, ValueError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"erc-distill {args.command or 'run'}: error: {message}", file=sys.stderr)
         return 1
@@ -289,6 +303,22 @@ def cmd_show_input(args: argparse.Namespace) -> int:
     print(builder.decode(x))
     if args.ids:
         print("\nids: " + " ".join(map(str, x.input_ids)))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Run the pipeline up to ``export`` (skipping what is done), then quantize the bundle."""
+    from erc_distill.pipeline import Run
+
+    args.command = "export"
+    cmd_run(args)
+    run = Run(run_config(args), _out_dir(args, run_config(args)), args.cache_dir)
+    record = run.run_quantize(args.method, args.budget, args.calibration_turns)
+    rows = [["method", "dev wF1 int8", "dev wF1 float", "drop (points)", "agreement", "MB"]]
+    for method, c in record["checks"].items():
+        rows.append([method, f"{100 * c['int8_dev_weighted_f1']:.2f}", f"{100 * c['float_dev_weighted_f1']:.2f}",
+                     f"{c['drop_points']:.2f}", f"{100 * c['argmax_agreement']:.2f}%", c["size_mb"]])
+    print(_table(rows))
     return 0
 
 

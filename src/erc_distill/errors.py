@@ -33,3 +33,7 @@ class DataError(ValueError):
         if self.field is not None:
             where += f": field {self.field!r}"
         return f"{where}: {self.message}"
+
+
+class ExportError(RuntimeError):
+    """An exported or quantized artifact failed its check; the message carries the measured numbers."""

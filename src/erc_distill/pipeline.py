@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -274,6 +274,37 @@ class Run:
             return {"artifacts": {"bundle": str(bundle)}, "parity": asdict(parity)}
 
         return self.stage("export", key, export)
+
+    def run_quantize(self, methods: Sequence[str], budget_points: float = 1.0, calibration_turns: int = 256) -> dict[str, Any]:
+        """INT8 graphs of the bundle's float graph, each checked on dev against the float graph."""
+        record = self.manifest["stages"]["export"]
+        key = _key(record["key"], sorted(methods), budget_points, calibration_turns)
+
+        def run() -> dict[str, Any]:
+            from transformers import AutoTokenizer
+
+            from erc_distill.export.quantize import check_int8, quantize
+
+            bundle = Path(record["artifacts"]["bundle"])
+            model_dir = Path(self.manifest["stages"]["distill"]["artifacts"]["model"])
+            tok = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+            dm = self._datamodule(tok, self.cfg.student_context, replace(self.cfg.student_train, eval_batch_size=8))
+            train = list(dm.eval_dataloader("train"))
+            step = max(1, len(train) // max(1, calibration_turns // 8))
+            calibration = train[::step][: max(1, calibration_turns // 8)]  # spread over the length range
+            dev = list(dm.eval_dataloader("dev"))
+            artifacts, checks = {}, {}
+            for method in methods:
+                path = quantize(method, bundle / "model.onnx", bundle / f"model-int8-{method}.onnx", calibration)
+                check = check_int8(method, bundle / "model.onnx", path, dev, self.labels, budget_points)
+                self.log(f"{method:>12}: dev weighted F1 {100 * check.int8_dev_weighted_f1:.2f} "
+                         f"(float {100 * check.float_dev_weighted_f1:.2f}), agreement "
+                         f"{100 * check.argmax_agreement:.2f}%, {check.size_mb:.1f} MB")
+                artifacts[method] = str(path)
+                checks[method] = {**asdict(check), "drop_points": check.drop_points}
+            return {"artifacts": artifacts, "checks": checks}
+
+        return self.stage("quantize", key, run)
 
     def run(self, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
         self.save_manifest()

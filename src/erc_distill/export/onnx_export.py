@@ -17,15 +17,12 @@ import torch
 from torch import nn
 
 from erc_distill.data.datamodule import Batch
+from erc_distill.errors import ExportError
 from erc_distill.modeling import PromptedClassifier
 
 INPUT_NAMES = ("input_ids", "attention_mask", "mask_index")
 OUTPUT_NAMES = ("logits",)
 DEFAULT_OPSET = 17
-
-
-class ExportError(RuntimeError):
-    """An exported artifact failed its check; the message carries the measured numbers."""
 
 
 class _LogitsOnly(nn.Module):

@@ -1,0 +1,116 @@
+"""INT8 post-training quantization of an exported ONNX student, checked where it is made.
+
+Methods (``erc-distill quantize --method M``):
+
+- ``ort-dynamic``: ONNX Runtime dynamic quantization of MatMul/Gemm weights (INT8), activations
+  quantized on the fly; LayerNorm, residual adds, softmax and GELU stay float.
+- ``ort-static``: ONNX Runtime static QDQ quantization (per-channel INT8 weights, INT8 activations),
+  activation ranges calibrated on training turns.
+- ``nncf-ptq``: NNCF post-training quantization with its transformer preset
+  (``nncf.ModelType.TRANSFORMER``: keeps the sensitive ops float, smooth-quant style scales).
+
+Every INT8 graph is checked twice: argmax agreement with the float graph (>= 99 % on dev) and dev
+weighted F1 no more than ``budget`` points below the float model; either failure is an error with
+the numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from erc_distill.data.datamodule import Batch
+from erc_distill.export.onnx_export import ExportError, ort_inputs, ort_session
+
+METHODS = ("ort-dynamic", "ort-static", "nncf-ptq")
+
+
+class _Calibration:
+    """ONNX Runtime CalibrationDataReader over batches."""
+
+    def __init__(self, batches: Sequence[Batch]) -> None:
+        self._feeds = iter([ort_inputs(b) for b in batches])
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def quantize(method: str, float_path: str | Path, out_path: str | Path,
+             calibration: Sequence[Batch] = ()) -> Path:
+    """Write the INT8 graph of ``float_path`` made with ``method`` to ``out_path``."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if method == "ort-dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(float_path), str(out_path), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    elif method == "ort-static":
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        if not calibration:
+            raise ValueError("ort-static needs calibration batches")
+        quantize_static(str(float_path), str(out_path), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        op_types_to_quantize=["MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"ActivationSymmetric": True})
+    elif method == "nncf-ptq":
+        import nncf
+        import onnx
+
+        if not calibration:
+            raise ValueError("nncf-ptq needs calibration batches")
+        feeds = [ort_inputs(b) for b in calibration]
+        quantized = nncf.quantize(onnx.load(str(float_path)), nncf.Dataset(feeds), subset_size=len(feeds),
+                                  model_type=nncf.ModelType.TRANSFORMER)
+        onnx.save(quantized, str(out_path))
+    else:
+        raise ValueError(f"unknown quantization method {method!r}; choose one of: {', '.join(METHODS)}")
+    return out_path
+
+
+@dataclass(frozen=True)
+class QuantCheck:
+    method: str
+    float_dev_weighted_f1: float
+    int8_dev_weighted_f1: float
+    argmax_agreement: float
+    size_mb: float
+
+    @property
+    def drop_points(self) -> float:
+        return 100 * (self.float_dev_weighted_f1 - self.int8_dev_weighted_f1)
+
+
+def ort_predictions(path: str | Path, batches: Iterable[Batch]) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class [N], gold [N]) of an ONNX graph over batches."""
+    session = ort_session(path)
+    preds, gold = [], []
+    for b in batches:
+        preds.append(session.run(None, ort_inputs(b))[0].argmax(1))
+        gold.append(b.labels.numpy())
+    return np.concatenate(preds), np.concatenate(gold)
+
+
+def check_int8(method: str, float_path: str | Path, int8_path: str | Path, dev: Sequence[Batch], labels: Sequence[str],
+               budget_points: float = 1.0, min_agreement: float = 0.99) -> QuantCheck:
+    """Compare an INT8 graph with its float graph on dev; ExportError when either check fails."""
+    from erc_distill.report.metrics import compute_metrics
+
+    float_pred, gold = ort_predictions(float_path, dev)
+    int8_pred, _ = ort_predictions(int8_path, dev)
+    keep = gold >= 0
+    f_float = compute_metrics(float_pred[keep], gold[keep], labels).weighted_f1
+    f_int8 = compute_metrics(int8_pred[keep], gold[keep], labels).weighted_f1
+    check = QuantCheck(method, f_float, f_int8, float((float_pred == int8_pred).mean()),
+                       round(Path(int8_path).stat().st_size / 2**20, 2))
+    if check.drop_points > budget_points:
+        raise ExportError(f"{method}: INT8 dev weighted F1 {100 * f_int8:.2f} is {check.drop_points:.2f} points below "
+                          f"the float model's {100 * f_float:.2f} (budget {budget_points:g} points)")
+    if check.argmax_agreement < min_agreement:
+        raise ExportError(f"{method}: INT8 predictions agree with the float model on only "
+                          f"{100 * check.argmax_agreement:.2f}% of dev turns (needs {100 * min_agreement:.1f}%)")
+    return check
