@@ -208,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-turns", type=int, default=256)
     p.set_defaults(func=cmd_quantize)
 
+    p = sub.add_parser("profile", help="time the per-turn path of a bundle on real turns, against a device profile")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--profile", default="cpu-2core", help="device profile: shipped name or YAML path")
+    p.add_argument("--model-file", default=None, help="graph in the bundle (default: the float model.onnx)")
+    p.add_argument("--data", default="meld", choices=sorted(CORPORA))
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--turns", type=int, default=None, help="timed turns (default: the whole split)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    p.set_defaults(func=cmd_profile)
+
     p = sub.add_parser("stream", help="classify turns read as JSON lines from stdin with an exported bundle")
     p.add_argument("--bundle", type=Path, required=True, help="bundle folder (runs/NAME/bundle)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
@@ -319,6 +331,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         rows.append([method, f"{100 * c['int8_dev_weighted_f1']:.2f}", f"{100 * c['float_dev_weighted_f1']:.2f}",
                      f"{c['drop_points']:.2f}", f"{100 * c['argmax_agreement']:.2f}%", c["size_mb"]])
     print(_table(rows))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from erc_distill.profiles import load_profile
+    from erc_distill.profiles.profiler import profile_bundle
+
+    device = load_profile(args.profile)
+    data = load_corpus(args.data, args.split, args.data_dir)
+    result = profile_bundle(args.bundle, device, data.dialogues, args.model_file, args.warmup, args.turns)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(result.to_json())
+    v = result.verdict
+    print(f"{result.variant} on {device.name} ({device.backend}, {device.threads} threads): {result.turns} turns of "
+          f"{args.data}/{args.split}, mean {result.mean_tokens:.0f} tokens")
+    print(f"  latency ms  p50 {result.p50_ms:.2f}  p95 {result.p95_ms:.2f}  p99 {result.p99_ms:.2f}  "
+          f"mean {result.mean_ms:.2f}  ->  {result.turns_per_s:.0f} turns/s")
+    print(f"  peak RSS {result.peak_rss_mb:.0f} MB, model {result.model_size_mb:.1f} MB, params {result.params}")
+    print(f"  budget p99 {device.p99_budget_ms:g} ms (+{device.network_rtt_ms:g} ms network), memory "
+          f"{device.memory_budget_mb:g} MB: {'PASS' if v['pass'] else 'FAIL'}")
     return 0
 
 

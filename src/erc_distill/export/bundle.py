@@ -39,6 +39,7 @@ def write_bundle(model: PromptedClassifier, tokenizer: Any, context: ContextConf
         "special_ids": special,
         "inputs": list(INPUT_NAMES),
         "source": model.source,
+        "params": sum(p.numel() for p in model.parameters()),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **({"provenance": provenance} if provenance else {}),
     }

@@ -22,6 +22,8 @@ class Prediction:
     label: str
     probabilities: dict[str, float]
     latency_ms: float
+    tokens: int
+    """Length of the built input."""
 
 
 class StreamingRecognizer:
@@ -39,7 +41,7 @@ class StreamingRecognizer:
         latency = 1000 * (time.perf_counter() - start)
         labels = self.bundle.labels
         return Prediction(conversation, x.turn_index, speaker, labels[int(p.argmax())],
-                          {label: float(v) for label, v in zip(labels, p)}, latency)
+                          {label: float(v) for label, v in zip(labels, p)}, latency, len(x))
 
     def end(self, conversation: str = "default") -> None:
         """Forget a conversation's context."""

@@ -1,0 +1,86 @@
+"""Device profiles: where a model must run and what it may cost there.
+
+A profile is a YAML file: the shipped ones (``cpu-2core``, ``jetson-orin-nx``, ``ameca-onboard``,
+``server-gpu``) by name, or a path to the user's own. Fields are those of :class:`DeviceProfile`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from erc_distill.errors import DataError
+
+BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    backend: str
+    threads: int
+    precision: str
+    p99_budget_ms: float
+    memory_budget_mb: float
+    batch: int = 1
+    sequence_lengths: tuple[int, ...] = (256,)
+    network_rtt_ms: float = 0.0
+    """Added to the measured latency (a backend reached over the network)."""
+    description: str = ""
+    source: str = field(default="", compare=False)
+
+    def verdict(self, p99_ms: float, peak_rss_mb: float) -> dict[str, object]:
+        """Pass/fail against the budgets: p99 + round trip <= p99 budget, peak RSS <= memory budget."""
+        latency = p99_ms + self.network_rtt_ms
+        return {
+            "p99_with_network_ms": round(latency, 3),
+            "latency_ok": latency <= self.p99_budget_ms,
+            "memory_ok": peak_rss_mb <= self.memory_budget_mb,
+            "pass": latency <= self.p99_budget_ms and peak_rss_mb <= self.memory_budget_mb,
+        }
+
+
+def profile_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("erc_distill.profiles").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_profile(name_or_path: str | Path) -> DeviceProfile:
+    """A shipped profile by name, or the user's YAML file; errors name the file and the field."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise DataError("profile file not found", file=path)
+        text, source = path.read_text("utf-8"), str(path)
+    elif str(name_or_path) in profile_names():
+        ref = resources.files("erc_distill.profiles").joinpath(f"{name_or_path}.yaml")
+        text, source = ref.read_text("utf-8"), str(ref)
+    else:
+        raise ValueError(f"unknown device profile {name_or_path!r}; shipped: {', '.join(profile_names())}, or a YAML path")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        raise DataError(f"not valid YAML: {err}", file=source, line=None if line is None else line + 1) from None
+    if not isinstance(raw, dict):
+        raise DataError("a profile is a mapping of fields", file=source)
+    known = {f.name for f in fields(DeviceProfile)} - {"source"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise DataError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}", file=source, field=unknown[0])
+    required = ("name", "backend", "threads", "precision", "p99_budget_ms", "memory_budget_mb")
+    for name in required:
+        if name not in raw:
+            raise DataError("missing required field", file=source, field=name)
+    if raw["backend"] not in BACKENDS:
+        raise DataError(f"backend {raw['backend']!r} is not one of {', '.join(BACKENDS)}", file=source, field="backend")
+    if raw["precision"] not in PRECISIONS:
+        raise DataError(f"precision {raw['precision']!r} is not one of {', '.join(PRECISIONS)}", file=source, field="precision")
+    for name in ("threads", "batch", "p99_budget_ms", "memory_budget_mb", "network_rtt_ms"):
+        if name in raw and not (isinstance(raw[name], (int, float)) and raw[name] >= 0):
+            raise DataError(f"must be a non-negative number, got {raw[name]!r}", file=source, field=name)
+    raw["sequence_lengths"] = tuple(raw.get("sequence_lengths", (256,)))
+    return DeviceProfile(**raw, source=source)
