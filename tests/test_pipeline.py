@@ -15,7 +15,8 @@ from erc_distill.report import compute_metrics
 def argv(fixture_data, tmp_path, *extra: str) -> list[str]:
     return ["--teacher", "tiny", "--student", "tiny", "--data", "meld", "--data-dir", str(fixture_data),
             "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--epochs", "2",
-            "--teacher-epochs", "1", "--batch-size", "2", "--max-len", "64", "--teacher-max-len", "64", *extra]
+            "--teacher-epochs", "1", "--batch-size", "2", "--max-len", "64", "--teacher-max-len", "64",
+            "--quantize-methods", "ort-dynamic", *extra]
 
 
 def manifest(tmp_path) -> dict:
@@ -23,11 +24,12 @@ def manifest(tmp_path) -> dict:
 
 
 def test_full_run_writes_every_artifact(fixture_data, tmp_path, capsys):
-    assert main(argv(fixture_data, tmp_path)) == 0
+    assert main(argv(fixture_data, tmp_path, "--quantize-methods", "ort-dynamic", "ort-static", "nncf-ptq")) == 0
     out = capsys.readouterr().out
     run = tmp_path / "run"
     m = manifest(tmp_path)
-    assert [m["stages"][s]["status"] for s in ("teacher", "cache", "distill", "evaluate", "export")] == ["done"] * 5
+    stages = ("teacher", "cache", "distill", "evaluate", "export", "quantize", "profile", "report")
+    assert [m["stages"][s]["status"] for s in stages] == ["done"] * len(stages)
     assert m["stages"]["export"]["parity"]["max_abs_diff"] <= 1e-4
     assert (run / "bundle" / "model.onnx").is_file() and (run / "bundle" / "bundle.json").is_file()
     assert m["config"]["loss"]["weights"] == {"ce": 1.0, "dist": 1.0, "feature": 0.5}
@@ -36,7 +38,18 @@ def test_full_run_writes_every_artifact(fixture_data, tmp_path, capsys):
     assert (run / "student" / "model" / "head.safetensors").is_file()
     assert (tmp_path / "cache" / "teachers").is_dir() and (tmp_path / "cache" / "teacher-cache").is_dir()
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == {"teacher", "student"}
+    int8 = {f"student-int8-{q}" for q in ("ort-dynamic", "ort-static", "nncf-ptq")}
+    assert set(metrics) == {"teacher", "student"} | int8
+    variants = {"teacher-fp32", "student-fp32"} | int8
+    assert {p.name for p in run.glob("profile_*.json")} == {f"profile_{v}.json" for v in variants}
+    report = (run / "report.md").read_text()
+    for v in variants:  # every variant's test weighted F1 in the report equals metrics.json's
+        name = {"teacher-fp32": "teacher", "student-fp32": "student"}.get(v, v)
+        assert f"| {v} | {100 * metrics[name]['test']['weighted_f1']:.2f} |" in report
+        p99 = json.loads((run / f"profile_{v}.json").read_text())["p99_ms"]
+        assert f"{p99:.2f}" in report
+    for png in ("f1_vs_latency.png", "per_class_f1.png", "confusion.png"):
+        assert (run / png).stat().st_size > 1000 and f"src='{png}'" in (run / "report.html").read_text()
     for model in ("teacher", "student"):
         for split in ("dev", "test"):
             rows = list(csv.DictReader(open(run / f"predictions_{model}_{split}.csv")))
@@ -56,7 +69,7 @@ def test_unchanged_stages_are_skipped_and_changed_ones_rerun(fixture_data, tmp_p
     capsys.readouterr()
     main(argv(fixture_data, tmp_path))
     out = capsys.readouterr().out
-    assert out.count("up to date") == 5
+    assert out.count("up to date") == 8
     main(argv(fixture_data, tmp_path, "--loss", "ce=1,kd=1"))
     out = capsys.readouterr().out
     assert "[teacher] up to date" in out and "[cache] up to date" in out
@@ -97,7 +110,7 @@ def test_ce_only_student_needs_no_teacher(fixture_data, tmp_path, corpus, n_labe
     args[args.index("--data") + 1] = corpus
     assert main(args) == 0
     m = manifest(tmp_path)
-    assert set(m["stages"]) == {"distill", "evaluate", "export"}
+    assert set(m["stages"]) == {"distill", "evaluate", "export", "quantize", "profile", "report"}
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics) == {"student"} and len(metrics["student"]["test"]["per_class"]) == n_labels
 

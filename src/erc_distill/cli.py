@@ -101,7 +101,11 @@ def _run_options() -> argparse.ArgumentParser:
     g.add_argument("--val-check-interval", type=float, default=1.0, help="dev evaluations per epoch: 1/x")
     g.add_argument("--checkpoint-every", type=int, default=100, help="save last.ckpt every N optimizer steps")
     g.add_argument("--seed", type=int, default=0, help="student seed")
-    g.add_argument("--quick", action="store_true", help="a few minutes end to end on a slice of the data")
+    g.add_argument("--quick", action="store_true", help="minutes end to end on a slice of the data")
+    g.add_argument("--profile", dest="device_profile", default="cpu-2core",
+                   help="device profile for the profile stage: shipped name or YAML path")
+    g.add_argument("--quantize-methods", nargs="+", default=["ort-dynamic", "ort-static", "nncf-ptq"],
+                   choices=["ort-dynamic", "ort-static", "nncf-ptq"])
     g.add_argument("--accelerator", default="cpu")
     g.add_argument("--devices", default="1")
     g.add_argument("--strategy", default="auto")
@@ -151,7 +155,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = run_config(args)
     out = _out_dir(args, cfg)
     stages = STAGES if args.command in (None, "run") else STAGES[: STAGES.index(args.command) + 1]
-    run = Run(cfg, out, args.cache_dir, progress=True)
+    run = Run(cfg, out, args.cache_dir, progress=True, device_profile=args.device_profile,
+              quantize_methods=args.quantize_methods)
     run.run(stages)
     print(f"\nrun folder: {out}")
     metrics_file = out / "metrics.json"
@@ -180,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, text in (("run", "the whole pipeline (the default)"), ("teacher", "fine-tune the teacher"),
                         ("cache", "cache the teacher's outputs"), ("distill", "train the student"),
                         ("evaluate", "score teacher and student, write metrics.json and predictions"),
-                        ("export", "the student as an ONNX inference bundle, checked against PyTorch")):
+                        ("export", "the student as an ONNX inference bundle, checked against PyTorch"),
+                        ("report", "quantize, profile on the device profile, write the accuracy-vs-speed report")):
         sub.add_parser(stage, parents=[run_opts], help=text).set_defaults(func=cmd_run)
 
     p = sub.add_parser("data-stats", help="per-split counts, labels and input token lengths of a corpus")

@@ -34,7 +34,7 @@ from erc_distill.distill.train import TrainConfig, train_model
 from erc_distill.modeling import PromptedClassifier, load_encoder, prepare_for_context
 from erc_distill.report.metrics import compute_metrics
 
-STAGES = ("teacher", "cache", "distill", "evaluate", "export")
+STAGES = ("teacher", "cache", "distill", "evaluate", "export", "quantize", "profile", "report")
 CACHE_ENV = "ERC_DISTILL_CACHE"
 
 
@@ -93,8 +93,11 @@ class Run:
     """A run folder and its manifest; :meth:`stage` runs or skips one stage."""
 
     def __init__(self, cfg: RunConfig, out: str | Path, cache_dir: str | Path | None = None,
-                 progress: bool = True, log: Callable[[str], None] = print) -> None:
+                 progress: bool = True, log: Callable[[str], None] = print, device_profile: str = "cpu-2core",
+                 quantize_methods: Sequence[str] = ("ort-dynamic", "ort-static", "nncf-ptq")) -> None:
         self.cfg = cfg
+        self.device_profile = device_profile
+        self.quantize_methods = tuple(quantize_methods)
         self.out = Path(out)
         self.cache_dir = Path(cache_dir or os.environ.get(CACHE_ENV) or user_cache_dir())
         self.progress = progress
@@ -154,6 +157,7 @@ class Run:
             if (folder / "model" / "erc_model.json").is_file():
                 return json.loads((folder / "result.json").read_text())
             c = self.cfg
+            torch.manual_seed(c.teacher_train.seed)  # the head's initialisation follows the seed too
             model, tok = load_encoder(c.teacher, self.labels)
             prepare_for_context(model, tok, c.teacher_context)
             dm = self._datamodule(tok, c.teacher_context, c.teacher_train)
@@ -202,6 +206,7 @@ class Run:
             from erc_distill.distill.cache import TeacherCache
 
             teacher = TeacherCache(cache_dir) if cache_dir else None
+            torch.manual_seed(c.student_train.seed)
             model, tok = load_encoder(c.student, self.labels)
             prepare_for_context(model, tok, c.student_context)
             dm = self._datamodule(tok, c.student_context, c.student_train, teacher)
@@ -302,9 +307,68 @@ class Run:
                          f"{100 * check.argmax_agreement:.2f}%, {check.size_mb:.1f} MB")
                 artifacts[method] = str(path)
                 checks[method] = {**asdict(check), "drop_points": check.drop_points}
+            self._merge_metrics({f"student-int8-{m}": self._onnx_metrics(Path(p), dm) for m, p in artifacts.items()})
             return {"artifacts": artifacts, "checks": checks}
 
         return self.stage("quantize", key, run)
+
+    def _onnx_metrics(self, path: Path, dm: ErcDataModule) -> dict[str, Any]:
+        """dev / test metrics of an ONNX graph (the INT8 variants), like ``metrics.json``'s models."""
+        from erc_distill.export.quantize import ort_predictions
+
+        out: dict[str, Any] = {"params": self.manifest["stages"]["distill"].get("params"), "file": str(path)}
+        for split in ("dev", "test"):
+            pred, gold = ort_predictions(path, dm.eval_dataloader(split))
+            keep = gold >= 0
+            out[split] = compute_metrics(pred[keep], gold[keep], self.labels).to_dict()
+        return out
+
+    def _merge_metrics(self, extra: dict[str, Any]) -> None:
+        path = self.out / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+        metrics.update(extra)
+        tmp = self.out / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        os.replace(tmp, path)
+
+    def run_profile(self, profile: str, turns: int | None = None, warmup: int = 20) -> dict[str, Any]:
+        """Latency of every variant on the profile's device, each in a fresh process (honest peak RSS)."""
+        import subprocess
+        import sys
+
+        variants = {"student-fp32": (Path(self.manifest["stages"]["export"]["artifacts"]["bundle"]), None)}
+        for method, path in self.manifest["stages"].get("quantize", {}).get("artifacts", {}).items():
+            variants[f"student-int8-{method}"] = (Path(path).parent, Path(path).name)
+        if "teacher" in self.manifest["stages"] and self.cfg.teacher is not None:
+            variants["teacher-fp32"] = (self.out / "teacher_bundle", None)
+        key = _key(profile, turns, warmup, {k: str(v) for k, v in variants.items()},
+                   [self.manifest["stages"][s]["key"] for s in ("export", "quantize") if s in self.manifest["stages"]])
+
+        def run() -> dict[str, Any]:
+            from transformers import AutoTokenizer
+
+            from erc_distill.export.bundle import write_bundle
+
+            if "teacher-fp32" in variants and not (self.out / "teacher_bundle" / "bundle.json").is_file():
+                folder = Path(self.manifest["stages"]["teacher"]["artifacts"]["model"])
+                write_bundle(PromptedClassifier.load(folder).eval(), AutoTokenizer.from_pretrained(folder / "tokenizer"),
+                             self.cfg.teacher_context, self.out / "teacher_bundle")
+            artifacts = {}
+            for name, (bundle, model_file) in variants.items():
+                out = self.out / f"profile_{name}.json"
+                cmd = [sys.executable, "-m", "erc_distill.cli", "profile", "--bundle", str(bundle), "--profile", profile,
+                       "--data", self.cfg.data, "--warmup", str(warmup), "--json", str(out)]
+                cmd += ["--model-file", model_file] if model_file else []
+                cmd += ["--turns", str(turns)] if turns else []
+                cmd += ["--data-dir", self.cfg.data_dir] if self.cfg.data_dir else []
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"profiling {name} failed:\n{done.stderr[-2000:]}")
+                self.log(f"{name:>24}: " + done.stdout.strip().splitlines()[1].strip())
+                artifacts[name] = str(out)
+            return {"artifacts": artifacts, "profile": profile}
+
+        return self.stage("profile", key, run)
 
     def run(self, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
         self.save_manifest()
@@ -319,7 +383,25 @@ class Run:
             self.run_evaluate()
         if "export" in stages:
             self.run_export()
+        if "quantize" in stages:
+            self.run_quantize(self.quantize_methods)
+        if "profile" in stages:
+            self.run_profile(self.device_profile)
+        if "report" in stages:
+            self.run_report()
         return self.manifest
+
+    def run_report(self) -> dict[str, Any]:
+        from erc_distill.report.accuracy_speed import write_report
+
+        keys = [self.manifest["stages"][s]["key"] for s in ("evaluate", "quantize", "profile") if s in self.manifest["stages"]]
+
+        def report() -> dict[str, Any]:
+            artifacts = write_report(self.out)
+            self.log(f"report: {artifacts['report_md']}")
+            return {"artifacts": artifacts}
+
+        return self.stage("report", _key(keys, "report-v1"), report)
 
 
 def evaluate_split(model: PromptedClassifier, dm: ErcDataModule, split: str, csv_path: Path) -> dict[str, Any]:

@@ -69,8 +69,9 @@ def profile_bundle(bundle_dir: str | Path, device: DeviceProfile, dialogues: Seq
                            "where it is installed; use a CPU profile here (e.g. cpu-2core)")
     bundle = Bundle.load(bundle_dir, threads=device.threads, model_file=model_file)
     turns = [(f"{d.dialogue_id}", t.speaker, t.text) for d in dialogues for t in d.turns]
-    if len(turns) <= warmup:
-        raise ValueError(f"{len(turns)} turns are not enough for {warmup} warm-up turns")
+    if len(turns) < 2:
+        raise ValueError(f"{len(turns)} turn(s) are too few to profile")
+    warmup = min(warmup, len(turns) // 2)  # small data sets: at least half the turns are timed
     recognizer = StreamingRecognizer(bundle)
     for conversation, speaker, text in turns[:warmup]:
         recognizer.push(speaker, text, "warmup/" + conversation)

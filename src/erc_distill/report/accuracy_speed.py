@@ -1,0 +1,166 @@
+"""The accuracy-vs-speed report of a run: ``report.md``, ``report.html`` and PNG plots.
+
+Every number comes from the run's ``metrics.json`` (test metrics per variant) and its
+``profile_<variant>.json`` files (latency on the device profile); nothing is recomputed here.
+A variant is on the Pareto front when no other variant has both a higher test weighted F1 and a
+lower p99 latency.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# metrics.json model name -> profile variant name
+_PROFILE_NAME = {"teacher": "teacher-fp32", "student": "student-fp32"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    test: dict[str, Any]
+    profile: dict[str, Any] | None
+    params: int | None
+
+    @property
+    def weighted_f1(self) -> float:
+        return 100 * self.test["weighted_f1"]
+
+    @property
+    def p99(self) -> float | None:
+        return self.profile["p99_ms"] if self.profile else None
+
+
+def load_variants(run_dir: Path) -> list[Variant]:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    variants = []
+    for name, m in metrics.items():
+        profile_file = run_dir / f"profile_{_PROFILE_NAME.get(name, name)}.json"
+        profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
+        variants.append(Variant(_PROFILE_NAME.get(name, name), m["test"], profile, m.get("params")))
+    return variants
+
+
+def pareto_front(variants: list[Variant]) -> set[str]:
+    timed = [v for v in variants if v.p99 is not None]
+    return {v.name for v in timed
+            if not any(o.weighted_f1 >= v.weighted_f1 and o.p99 <= v.p99 and
+                       (o.weighted_f1 > v.weighted_f1 or o.p99 < v.p99) for o in timed)}
+
+
+def _rows(variants: list[Variant], front: set[str]) -> list[list[str]]:
+    teacher = next((v for v in variants if v.name == "teacher-fp32"), None)
+    rows = [["variant", "test wF1", "macro F1", "acc", "% of teacher", "p50 ms", "p99 ms", "turns/s",
+             "speed-up vs teacher", "MB", "params", "budget", "Pareto"]]
+    for v in sorted(variants, key=lambda v: (v.p99 is None, -(v.p99 or 0))):
+        p = v.profile or {}
+        rows.append([
+            v.name, f"{v.weighted_f1:.2f}", f"{100 * v.test['macro_f1']:.2f}", f"{100 * v.test['accuracy']:.2f}",
+            f"{100 * v.weighted_f1 / teacher.weighted_f1:.1f}" if teacher and teacher.weighted_f1 > 0 else "–",
+            f"{p['p50_ms']:.2f}" if p else "–", f"{p['p99_ms']:.2f}" if p else "–",
+            f"{p['turns_per_s']:.0f}" if p else "–",
+            f"{teacher.p99 / v.p99:.1f}x" if teacher and teacher.p99 and v.p99 else "–",
+            f"{p['model_size_mb']:.1f}" if p else "–",
+            f"{v.params / 1e6:.1f}M" if v.params else "–",
+            ("PASS" if p["verdict"]["pass"] else "FAIL") if p else "–",
+            "yes" if v.name in front else "",
+        ])
+    return rows
+
+
+def _plots(variants: list[Variant], front: set[str], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    files = []
+    timed = [v for v in variants if v.p99 is not None]
+    if timed:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for v in timed:
+            ax.scatter(v.p99, v.weighted_f1, s=60, zorder=3, color="tab:red" if v.name in front else "tab:blue")
+            ax.annotate(v.name, (v.p99, v.weighted_f1), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        edge = sorted((v for v in timed if v.name in front), key=lambda v: v.p99)
+        ax.plot([v.p99 for v in edge], [v.weighted_f1 for v in edge], color="tab:red", lw=1, ls="--", label="Pareto front")
+        budget = timed[0].profile.get("profile")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"p99 latency per turn, ms (log scale; profile {budget})")
+        ax.set_ylabel("test weighted F1")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / "f1_vs_latency.png", dpi=120)
+        plt.close(fig)
+        files.append("f1_vs_latency.png")
+    labels = list(variants[0].test["labels"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        ax.bar(np.arange(len(labels)) + i * width, [100 * v.test["per_class"][l] for l in labels], width, label=v.name)
+    ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels)
+    ax.set_ylabel("test F1 per class")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "per_class_f1.png", dpi=120)
+    plt.close(fig)
+    files.append("per_class_f1.png")
+    best = max((v for v in variants if v.name.startswith("student")), key=lambda v: v.weighted_f1, default=variants[0])
+    cm = np.array(best.test["confusion"], dtype=float)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7, color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(f"{best.name}: test confusion (row-normalised colour)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=120)
+    plt.close(fig)
+    files.append("confusion.png")
+    return files
+
+
+def write_report(run_dir: str | Path) -> dict[str, str]:
+    """Write report.md, report.html and the PNGs into ``run_dir``; returns their paths."""
+    run_dir = Path(run_dir)
+    variants = load_variants(run_dir)
+    if not variants:
+        raise ValueError(f"{run_dir / 'metrics.json'} holds no models")
+    front = pareto_front(variants)
+    rows = _rows(variants, front)
+    images = _plots(variants, front, run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
+    profile = next((v.profile for v in variants if v.profile), None)
+    title = f"erc-distill report: {run_dir.name}"
+    facts = [f"data: {manifest.get('config', {}).get('data', '?')} (test split)",
+             f"device profile: {profile['profile']} ({profile['backend']}, {profile['threads']} threads), "
+             f"machine {profile['machine']}" if profile else "device profile: not profiled",
+             f"objective: {manifest.get('stages', {}).get('distill', {}).get('objective', '?')}"]
+    md = [f"# {title}", "", *[f"- {f}" for f in facts], "",
+          "| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
+    md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    md += ["", *[f"![{i}]({i})" for i in images], "",
+           "Numbers from metrics.json and profile_*.json of this run; budget = the profile's p99 and memory budgets."]
+    (run_dir / "report.md").write_text("\n".join(md) + "\n")
+    table = "<table>" + "".join(
+        "<tr>" + "".join(f"<{'th' if k == 0 else 'td'}>{html.escape(c)}</{'th' if k == 0 else 'td'}>" for c in r) + "</tr>"
+        for k, r in enumerate(rows)) + "</table>"
+    page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}</style>"
+            f"<h1>{html.escape(title)}</h1><ul>{''.join(f'<li>{html.escape(f)}</li>' for f in facts)}</ul>{table}"
+            + "".join(f"<p><img src='{i}' alt='{i}'></p>" for i in images))
+    (run_dir / "report.html").write_text(page)
+    return {"report_md": str(run_dir / "report.md"), "report_html": str(run_dir / "report.html"),
+            **{Path(i).stem: str(run_dir / i) for i in images}}
