@@ -64,11 +64,17 @@ def _rows(variants: list[Variant], front: set[str]) -> list[list[str]]:
             f"{p['turns_per_s']:.0f}" if p else "–",
             f"{teacher.p99 / v.p99:.1f}x" if teacher and teacher.p99 and v.p99 else "–",
             f"{p['model_size_mb']:.1f}" if p else "–",
-            f"{v.params / 1e6:.1f}M" if v.params else "–",
+            _count(v.params),
             ("PASS" if p["verdict"]["pass"] else "FAIL") if p else "–",
             "yes" if v.name in front else "",
         ])
     return rows
+
+
+def _count(n: int | None) -> str:
+    if not n:
+        return "–"
+    return f"{n / 1e6:.1f}M" if n >= 10**6 else f"{n / 1e3:.0f}K"
 
 
 def _plots(variants: list[Variant], front: set[str], out: Path) -> list[str]:
@@ -76,19 +82,22 @@ def _plots(variants: list[Variant], front: set[str], out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     files = []
     timed = [v for v in variants if v.p99 is not None]
     if timed:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for v in timed:
+        for i, v in enumerate(sorted(timed, key=lambda v: v.p99)):
             ax.scatter(v.p99, v.weighted_f1, s=60, zorder=3, color="tab:red" if v.name in front else "tab:blue")
-            ax.annotate(v.name, (v.p99, v.weighted_f1), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(v.name, (v.p99, v.weighted_f1), textcoords="offset points",
+                        xytext=(5, 6 if i % 2 == 0 else -12), fontsize=8)  # alternate so close points stay legible
         edge = sorted((v for v in timed if v.name in front), key=lambda v: v.p99)
         ax.plot([v.p99 for v in edge], [v.weighted_f1 for v in edge], color="tab:red", lw=1, ls="--", label="Pareto front")
         budget = timed[0].profile.get("profile")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel(f"p99 latency per turn, ms (log scale; profile {budget})")
         ax.set_ylabel("test weighted F1")
         ax.grid(alpha=0.3)
