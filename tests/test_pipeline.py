@@ -132,12 +132,13 @@ def test_telme_context_adds_speaker_tokens(fixture_data, tmp_path):
 
 
 def test_quantize_every_method_with_its_checks(fixture_data, tmp_path, capsys):
-    args = ["quantize", *argv(fixture_data, tmp_path, "--loss", "ce=1", "--teacher", "none"), "--budget", "100",
-            "--calibration-turns", "16"]
+    args = ["quantize", *argv(fixture_data, tmp_path), "--budget", "100", "--calibration-turns", "16"]
     assert main(args) == 0
     out = capsys.readouterr().out
     checks = manifest(tmp_path)["stages"]["quantize"]["checks"]
-    assert set(checks) == {"ort-dynamic", "ort-static", "nncf-ptq"}
+    assert set(checks) == {"ort-dynamic", "ort-static", "nncf-ptq", "nncf-qat"}
+    qat = list((tmp_path / "run" / "qat").glob("train-*/log/metrics.csv"))
+    assert qat and "train_dist" in qat[0].read_text()  # QAT trained on the distillation objective
     for method, c in checks.items():
         assert (tmp_path / "run" / "bundle" / f"model-int8-{method}.onnx").is_file()
         assert 0 <= c["argmax_agreement"] <= 1 and method in out

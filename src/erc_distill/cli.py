@@ -104,8 +104,9 @@ def _run_options() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true", help="minutes end to end on a slice of the data")
     g.add_argument("--profile", dest="device_profile", default="cpu-2core",
                    help="device profile for the profile stage: shipped name or YAML path")
-    g.add_argument("--quantize-methods", nargs="+", default=["ort-dynamic", "ort-static", "nncf-ptq"],
-                   choices=["ort-dynamic", "ort-static", "nncf-ptq"])
+    g.add_argument("--quantize-methods", nargs="+", default=["ort-dynamic", "ort-static", "nncf-ptq", "nncf-qat"],
+                   choices=["ort-dynamic", "ort-static", "nncf-ptq", "nncf-qat"])
+    g.add_argument("--qat-epochs", type=int, default=1, help="nncf-qat fine-tuning epochs")
     g.add_argument("--accelerator", default="cpu")
     g.add_argument("--devices", default="1")
     g.add_argument("--strategy", default="auto")
@@ -156,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = _out_dir(args, cfg)
     stages = STAGES if args.command in (None, "run") else STAGES[: STAGES.index(args.command) + 1]
     run = Run(cfg, out, args.cache_dir, progress=True, device_profile=args.device_profile,
-              quantize_methods=args.quantize_methods)
+              quantize_methods=args.quantize_methods, qat_epochs=args.qat_epochs)
     run.run(stages)
     print(f"\nrun folder: {out}")
     metrics_file = out / "metrics.json"
@@ -208,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_show_input)
 
     p = sub.add_parser("quantize", parents=[run_opts], help="INT8 graphs of the run's bundle, checked on dev")
-    p.add_argument("--method", nargs="+", default=["ort-dynamic", "ort-static", "nncf-ptq"],
-                   choices=["ort-dynamic", "ort-static", "nncf-ptq"])
+    p.add_argument("--method", nargs="+", default=["ort-dynamic", "ort-static", "nncf-ptq", "nncf-qat"],
+                   choices=["ort-dynamic", "ort-static", "nncf-ptq", "nncf-qat"])
     p.add_argument("--budget", type=float, default=1.0, help="allowed dev weighted-F1 drop, points")
     p.add_argument("--calibration-turns", type=int, default=256)
     p.set_defaults(func=cmd_quantize)
@@ -330,7 +331,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     args.command = "export"
     cmd_run(args)
-    run = Run(run_config(args), _out_dir(args, run_config(args)), args.cache_dir)
+    run = Run(run_config(args), _out_dir(args, run_config(args)), args.cache_dir, qat_epochs=args.qat_epochs)
     record = run.run_quantize(args.method, args.budget, args.calibration_turns)
     rows = [["method", "dev wF1 int8", "dev wF1 float", "drop (points)", "agreement", "MB"]]
     for method, c in record["checks"].items():

@@ -94,8 +94,10 @@ class Run:
 
     def __init__(self, cfg: RunConfig, out: str | Path, cache_dir: str | Path | None = None,
                  progress: bool = True, log: Callable[[str], None] = print, device_profile: str = "cpu-2core",
-                 quantize_methods: Sequence[str] = ("ort-dynamic", "ort-static", "nncf-ptq")) -> None:
+                 quantize_methods: Sequence[str] = ("ort-dynamic", "ort-static", "nncf-ptq"),
+                 qat_epochs: int = 1) -> None:
         self.cfg = cfg
+        self.qat_epochs = qat_epochs
         self.device_profile = device_profile
         self.quantize_methods = tuple(quantize_methods)
         self.out = Path(out)
@@ -283,7 +285,8 @@ class Run:
     def run_quantize(self, methods: Sequence[str], budget_points: float = 1.0, calibration_turns: int = 256) -> dict[str, Any]:
         """INT8 graphs of the bundle's float graph, each checked on dev against the float graph."""
         record = self.manifest["stages"]["export"]
-        key = _key(record["key"], sorted(methods), budget_points, calibration_turns)
+        key = _key(record["key"], sorted(methods), budget_points, calibration_turns,
+                   self.qat_epochs if "nncf-qat" in methods else None)
 
         def run() -> dict[str, Any]:
             from transformers import AutoTokenizer
@@ -300,7 +303,10 @@ class Run:
             dev = list(dm.eval_dataloader("dev"))
             artifacts, checks = {}, {}
             for method in methods:
-                path = quantize(method, bundle / "model.onnx", bundle / f"model-int8-{method}.onnx", calibration)
+                if method == "nncf-qat":
+                    path = self._qat(bundle / f"model-int8-{method}.onnx", calibration, key, tok)
+                else:
+                    path = quantize(method, bundle / "model.onnx", bundle / f"model-int8-{method}.onnx", calibration)
                 check = check_int8(method, bundle / "model.onnx", path, dev, self.labels, budget_points)
                 self.log(f"{method:>12}: dev weighted F1 {100 * check.int8_dev_weighted_f1:.2f} "
                          f"(float {100 * check.float_dev_weighted_f1:.2f}), agreement "
@@ -311,6 +317,27 @@ class Run:
             return {"artifacts": artifacts, "checks": checks}
 
         return self.stage("quantize", key, run)
+
+    def _qat(self, onnx_path: Path, calibration: list, key: str, tok: Any) -> Path:
+        """NNCF quantization-aware fine-tuning of the distilled student with the distill objective."""
+        from erc_distill.distill.cache import TeacherCache
+        from erc_distill.export.qat import quantize_aware_train
+
+        c = self.cfg
+        cache_dir = self.manifest["stages"]["cache"]["artifacts"]["cache"] if c.uses_teacher else None
+        teacher = TeacherCache(cache_dir) if cache_dir else None
+        torch.manual_seed(c.student_train.seed)
+        model = PromptedClassifier.load(self.manifest["stages"]["distill"]["artifacts"]["model"])
+        dm = self._datamodule(tok, c.student_context, c.student_train, teacher)
+        teacher_dim = teacher.arrays["train"]["features"].shape[1] if teacher else None
+        objective = build_objective(c.loss, len(self.labels), model.hidden_size, teacher_dim,
+                                    self._class_counts(dm), model.num_layers)
+        train = replace(c.student_train, epochs=self.qat_epochs,
+                        optim=replace(c.student_train.optim, lr=c.student_train.optim.lr / 5))
+        self.log(f"nncf-qat: {self.qat_epochs} epoch(s) of {objective} at lr {train.optim.lr:g}")
+        quantize_aware_train(model, objective, dm, calibration, train, self.out / "qat" / f"train-{key}", onnx_path,
+                             tok.pad_token_id or 0, self.progress)
+        return onnx_path
 
     def _onnx_metrics(self, path: Path, dm: ErcDataModule) -> dict[str, Any]:
         """dev / test metrics of an ONNX graph (the INT8 variants), like ``metrics.json``'s models."""

@@ -91,7 +91,7 @@ def train_model(
         precision=cfg.precision,
         enable_progress_bar=progress,
         enable_model_summary=False,
-        log_every_n_steps=10,
+        log_every_n_steps=max(1, min(10, len(datamodule.train_dataloader()) // 2)),
         num_sanity_val_steps=0,
         deterministic=False,
         use_distributed_sampler=False,

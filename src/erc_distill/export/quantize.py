@@ -8,6 +8,8 @@ Methods (``erc-distill quantize --method M``):
   activation ranges calibrated on training turns.
 - ``nncf-ptq``: NNCF post-training quantization with its transformer preset
   (``nncf.ModelType.TRANSFORMER``: keeps the sensitive ops float, smooth-quant style scales).
+- ``nncf-qat``: quantization-aware fine-tuning with the distillation objective
+  (:mod:`erc_distill.export.qat`; the pipeline's quantize stage runs it).
 
 Every INT8 graph is checked twice: argmax agreement with the float graph (>= 99 % on dev) and dev
 weighted F1 no more than ``budget`` points below the float model; either failure is an error with
@@ -26,6 +28,8 @@ from erc_distill.data.datamodule import Batch
 from erc_distill.export.onnx_export import ExportError, ort_inputs, ort_session
 
 METHODS = ("ort-dynamic", "ort-static", "nncf-ptq")
+"""Post-training methods that :func:`quantize` runs on an ONNX graph."""
+ALL_METHODS = (*METHODS, "nncf-qat")
 
 
 class _Calibration:

@@ -1,0 +1,43 @@
+"""``nncf-qat``: quantization-aware fine-tuning with the distillation objective, in one loop.
+
+NNCF 3.x quantizes a PyTorch model (``nncf.quantize``: fake-quantizers placed and calibrated with the
+transformer preset), then leaves fine-tuning to the user's loop. Ours is the distill stage's loop:
+the same Lightning module, the same objective (e.g. ``ce + dist + feature``), the same teacher cache,
+so the INT8 student keeps learning from the teacher while it learns to live with INT8. The result
+is stripped to standard ``QuantizeLinear``/``DequantizeLinear`` ops (``nncf.strip``) and exported to
+ONNX, where ONNX Runtime runs the quantized MatMuls with INT8 kernels.
+
+NNCF compiles a small C++ extension the first time it runs (about a minute; cached under
+``~/.cache/torch_extensions``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from erc_distill.data.datamodule import Batch, ErcDataModule
+from erc_distill.distill.objective import Objective
+from erc_distill.distill.train import TrainConfig, TrainResult, train_model
+from erc_distill.export.onnx_export import export_onnx
+from erc_distill.modeling import PromptedClassifier
+
+
+def quantize_aware_train(model: PromptedClassifier, objective: Objective, datamodule: ErcDataModule,
+                         calibration: Sequence[Batch], cfg: TrainConfig, out_dir: str | Path,
+                         onnx_path: str | Path, pad_id: int = 0, progress: bool = True) -> TrainResult:
+    """Quantize ``model`` with NNCF, fine-tune it on ``objective``, export the INT8 graph to ``onnx_path``."""
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # a slow first compile is not a failure
+    import nncf
+
+    model.eval()
+    dataset = nncf.Dataset(list(calibration), lambda b: (b.input_ids, b.attention_mask, b.mask_index))
+    quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+    result = train_model(quantized, objective, datamodule, cfg, out_dir, progress)
+    quantized.eval()
+    example = calibration[0]
+    stripped = nncf.strip(quantized, strip_format=nncf.StripFormat.NATIVE,
+                          example_input=(example.input_ids, example.attention_mask, example.mask_index))
+    export_onnx(stripped, onnx_path, pad_id=pad_id)
+    return result
