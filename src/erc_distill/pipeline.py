@@ -139,6 +139,18 @@ class Run:
                              batch_size=train.batch_size, eval_batch_size=train.eval_batch_size,
                              seed=train.seed, limit=self.cfg.limit, teacher=teacher)
 
+    def _student_objective(self, model: PromptedClassifier, tok: Any) -> tuple[ErcDataModule, Any]:
+        """The student's data (joined to the teacher cache when the loss needs it) and its objective."""
+        from erc_distill.distill.cache import TeacherCache
+
+        c = self.cfg
+        teacher = TeacherCache(self.manifest["stages"]["cache"]["artifacts"]["cache"]) if c.uses_teacher else None
+        dm = self._datamodule(tok, c.student_context, c.student_train, teacher)
+        teacher_dim = teacher.arrays["train"]["features"].shape[1] if teacher else None
+        objective = build_objective(c.loss, len(self.labels), model.hidden_size, teacher_dim,
+                                    self._class_counts(dm), model.num_layers)
+        return dm, objective
+
     def _class_counts(self, dm: ErcDataModule) -> torch.Tensor:
         counts = Counter(e.label for e in dm.examples_of("train") if e.label >= 0)
         return torch.tensor([counts.get(i, 0) for i in range(len(self.labels))])
@@ -205,16 +217,10 @@ class Run:
                    self.manifest["stages"]["cache"]["key"] if cache_dir else None)
 
         def fit() -> dict[str, Any]:
-            from erc_distill.distill.cache import TeacherCache
-
-            teacher = TeacherCache(cache_dir) if cache_dir else None
             torch.manual_seed(c.student_train.seed)
             model, tok = load_encoder(c.student, self.labels)
             prepare_for_context(model, tok, c.student_context)
-            dm = self._datamodule(tok, c.student_context, c.student_train, teacher)
-            teacher_dim = teacher.arrays["train"]["features"].shape[1] if teacher else None
-            objective = build_objective(c.loss, len(self.labels), model.hidden_size, teacher_dim,
-                                        self._class_counts(dm), model.num_layers)
+            dm, objective = self._student_objective(model, tok)
             self.log(f"student {c.student}: {_params(model) / 1e6:.1f}M params; {objective}")
             train_dir = self.out / "student" / f"train-{key}"
             for stale in (self.out / "student").glob("train-*"):
@@ -320,18 +326,12 @@ class Run:
 
     def _qat(self, onnx_path: Path, calibration: list, key: str, tok: Any) -> Path:
         """NNCF quantization-aware fine-tuning of the distilled student with the distill objective."""
-        from erc_distill.distill.cache import TeacherCache
         from erc_distill.export.qat import quantize_aware_train
 
         c = self.cfg
-        cache_dir = self.manifest["stages"]["cache"]["artifacts"]["cache"] if c.uses_teacher else None
-        teacher = TeacherCache(cache_dir) if cache_dir else None
         torch.manual_seed(c.student_train.seed)
         model = PromptedClassifier.load(self.manifest["stages"]["distill"]["artifacts"]["model"])
-        dm = self._datamodule(tok, c.student_context, c.student_train, teacher)
-        teacher_dim = teacher.arrays["train"]["features"].shape[1] if teacher else None
-        objective = build_objective(c.loss, len(self.labels), model.hidden_size, teacher_dim,
-                                    self._class_counts(dm), model.num_layers)
+        dm, objective = self._student_objective(model, tok)
         train = replace(c.student_train, epochs=self.qat_epochs,
                         optim=replace(c.student_train.optim, lr=c.student_train.optim.lr / 5))
         self.log(f"nncf-qat: {self.qat_epochs} epoch(s) of {objective} at lr {train.optim.lr:g}")
