@@ -151,3 +151,16 @@ def test_quantize_fails_with_both_numbers_beyond_the_budget(fixture_data, tmp_pa
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "INT8 dev weighted F1" in err and "below the float model's" in err and "budget -1 points" in err
+
+
+def test_teacher_key_is_stable(tmp_path):
+    """A pinned key: a change to a config dataclass (a new field, a renamed one) changes every stage key,
+    so cached teachers (hours of CPU) would retrain. If this fails on purpose, say so in the closing note
+    and move the cached teacher folders to their new keys."""
+    from erc_distill.cli import build_parser, run_config
+    from erc_distill.pipeline import Run
+
+    args = build_parser().parse_args(
+        "teacher --teacher mpnet-base --data meld --teacher-epochs 2 --teacher-lr 3e-5 --teacher-layer-decay 0.9 "
+        "--freeze-teacher-layers 2 --precision bf16-mixed --val-check-interval 0.5".split())
+    assert Run(run_config(args), tmp_path / "run", tmp_path / "cache").teacher_key == "7baebe8cc98aa261"
