@@ -72,6 +72,8 @@ def _builder(tokenizer_name: str, config: ContextConfig) -> ContextBuilder:
 def _run_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("pipeline")
+    g.add_argument("--config", default=None,
+                   help="experiment file (shipped name or YAML path) setting these options; flags override it")
     g.add_argument("--teacher", default="mpnet-base", help="teacher encoder: preset, hub id, folder, or 'none'")
     g.add_argument("--student", default="minilm-l6", help="student encoder: preset, hub id or folder")
     g.add_argument("--data", default="meld", choices=sorted(CORPORA))
@@ -158,6 +160,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     stages = STAGES if args.command in (None, "run") else STAGES[: STAGES.index(args.command) + 1]
     run = Run(cfg, out, args.cache_dir, progress=True, device_profile=args.device_profile,
               quantize_methods=args.quantize_methods, qat_epochs=args.qat_epochs)
+    from erc_distill.config import dump_config
+
+    dump_config({k: getattr(args, k) for k in sorted(_run_option_names()) if k != "out"}, out / "config.yaml")
     run.run(stages)
     print(f"\nrun folder: {out}")
     metrics_file = out / "metrics.json"
@@ -183,12 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(func=cmd_run)
     parser.add_argument("--version", action="version", version=f"erc-distill {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.run_parsers = [parser]  # the parsers whose defaults an experiment file sets
     for stage, text in (("run", "the whole pipeline (the default)"), ("teacher", "fine-tune the teacher"),
                         ("cache", "cache the teacher's outputs"), ("distill", "train the student"),
                         ("evaluate", "score teacher and student, write metrics.json and predictions"),
                         ("export", "the student as an ONNX inference bundle, checked against PyTorch"),
                         ("report", "quantize, profile on the device profile, write the accuracy-vs-speed report")):
-        sub.add_parser(stage, parents=[run_opts], help=text).set_defaults(func=cmd_run)
+        stage_parser = sub.add_parser(stage, parents=[run_opts], help=text)
+        stage_parser.set_defaults(func=cmd_run)
+        parser.run_parsers.append(stage_parser)
 
     p = sub.add_parser("data-stats", help="per-split counts, labels and input token lengths of a corpus")
     _add_data_args(p)
@@ -214,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=1.0, help="allowed dev weighted-F1 drop, points")
     p.add_argument("--calibration-turns", type=int, default=256)
     p.set_defaults(func=cmd_quantize)
+    parser.run_parsers.append(p)
 
     p = sub.add_parser("profile", help="time the per-turn path of a bundle on real turns, against a device profile")
     p.add_argument("--bundle", type=Path, required=True)
@@ -247,13 +256,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv:
         parser.print_help()
         return 2
-    args = parser.parse_args(argv)
+    args = None
     try:
+        _apply_config_file(parser, argv)
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except (DataError, ExportError, OSError, ValueError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"erc-distill {args.command or 'run'}: error: {message}", file=sys.stderr)
+        command = (args.command if args is not None else None) or "run"
+        print(f"erc-distill {command}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _run_option_names() -> set[str]:
+    return {a.dest for a in _run_options()._actions if a.dest not in ("help", "config")}
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """``--config FILE``: its values become the defaults of the run options (typed flags still win)."""
+    from erc_distill.config import load_config_file
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config is None:
+        return
+    values = load_config_file(known.config, _run_option_names())
+    for p in parser.run_parsers:
+        p.set_defaults(**values)
 
 
 # ----------------------------------------------------------------------------- commands
