@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", parents=[run_opts], help="INT8 graphs of the run's bundle, checked on dev")
     p.add_argument("--method", nargs="+", default=["ort-dynamic", "ort-static", "nncf-ptq", "nncf-qat"],
                    choices=["ort-dynamic", "ort-static", "nncf-ptq", "nncf-qat"])
-    p.add_argument("--budget", type=float, default=1.0, help="allowed dev weighted-F1 drop, points")
+    p.add_argument("--budget", type=float, default=None, help="allowed dev weighted-F1 drop, points (1.0)")
     p.add_argument("--calibration-turns", type=int, default=256)
     p.set_defaults(func=cmd_quantize)
     parser.run_parsers.append(p)
