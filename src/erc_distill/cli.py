@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    # torchao (imported by transformers when present) registers enums in a way torch now warns about
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     if not argv:
         parser.print_help()
         return 2
