@@ -424,8 +424,8 @@ class Run:
             self.run_export()
         if "quantize" in stages:
             self.run_quantize(self.quantize_methods)
-        if "profile" in stages:
-            self.run_profile(self.device_profile)
+        if "profile" in stages:  # quick runs time 300 turns a variant, full runs the whole test split
+            self.run_profile(self.device_profile, turns=300 if self.cfg.limit is not None else None)
         if "report" in stages:
             self.run_report()
         return self.manifest
