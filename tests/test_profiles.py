@@ -65,7 +65,8 @@ def test_profile_command_writes_every_field(bundle, fixture_data, tmp_path, caps
     assert set(result) == set(ProfileResult.__dataclass_fields__)
     assert result["turns"] == 7 and result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
     assert result["turns_per_s"] > 0 and result["peak_rss_mb"] > 0 and result["params"] > 0
-    assert set(result["verdict"]) == {"p99_with_network_ms", "latency_ok", "memory_ok", "pass"}
+    assert set(result["verdict"]) == {"p99_budget_ms", "memory_budget_mb", "p99_with_network_ms", "latency_ok",
+                                      "memory_ok", "pass"}
     assert "PASS" in capsys.readouterr().out or not result["verdict"]["pass"]
 
 

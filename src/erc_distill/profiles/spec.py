@@ -37,6 +37,8 @@ class DeviceProfile:
         """Pass/fail against the budgets: p99 + round trip <= p99 budget, peak RSS <= memory budget."""
         latency = p99_ms + self.network_rtt_ms
         return {
+            "p99_budget_ms": self.p99_budget_ms,
+            "memory_budget_mb": self.memory_budget_mb,
             "p99_with_network_ms": round(latency, 3),
             "latency_ok": latency <= self.p99_budget_ms,
             "memory_ok": peak_rss_mb <= self.memory_budget_mb,

@@ -95,10 +95,14 @@ def _plots(variants: list[Variant], front: set[str], out: Path) -> list[str]:
                         xytext=(5, 6 if i % 2 == 0 else -12), fontsize=8)  # alternate so close points stay legible
         edge = sorted((v for v in timed if v.name in front), key=lambda v: v.p99)
         ax.plot([v.p99 for v in edge], [v.weighted_f1 for v in edge], color="tab:red", lw=1, ls="--", label="Pareto front")
-        budget = timed[0].profile.get("profile")
+        profile = timed[0].profile
+        budget_ms = profile["verdict"].get("p99_budget_ms")
+        if budget_ms:
+            ax.axvline(budget_ms, color="gray", ls=":", label=f"p99 budget {budget_ms:g} ms")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_xlabel(f"p99 latency per turn, ms (log scale; profile {budget})")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(f"p99 latency per turn, ms (log scale; profile {profile['profile']})")
         ax.set_ylabel("test weighted F1")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
