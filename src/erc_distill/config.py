@@ -18,29 +18,41 @@ import yaml
 from erc_distill.errors import DataError
 
 
-def config_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("erc_distill.configs").iterdir() if p.name.endswith(".yaml"))
+def packaged_names(package: str) -> list[str]:
+    """Names of the YAML files shipped in ``package`` (e.g. ``erc_distill.configs``)."""
+    return sorted(p.name[:-5] for p in resources.files(package).iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config_file(name_or_path: str | Path, known: set[str]) -> dict[str, Any]:
-    """The options of an experiment file; unknown keys are a DataError naming the file and the key."""
+def read_yaml_mapping(name_or_path: str | Path, package: str, kind: str) -> tuple[dict[str, Any], str]:
+    """A YAML mapping from a path, or by name from the files shipped in ``package``; returns it with its
+    source. Missing files, bad YAML and non-mappings are DataErrors naming the file (and line)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise DataError("config file not found", file=path)
+            raise DataError(f"{kind} file not found", file=path)
         text, source = path.read_text("utf-8"), str(path)
-    elif str(name_or_path) in config_names():
-        ref = resources.files("erc_distill.configs").joinpath(f"{name_or_path}.yaml")
+    elif str(name_or_path) in packaged_names(package):
+        ref = resources.files(package).joinpath(f"{name_or_path}.yaml")
         text, source = ref.read_text("utf-8"), str(ref)
     else:
-        raise ValueError(f"unknown config {name_or_path!r}; shipped: {', '.join(config_names())}, or a YAML path")
+        raise ValueError(f"unknown {kind} {name_or_path!r}; shipped: {', '.join(packaged_names(package))}, or a YAML path")
     try:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise DataError(f"not valid YAML: {err}", file=source, line=None if mark is None else mark.line + 1) from None
     if not isinstance(values, dict):
-        raise DataError("an experiment file is a mapping of option: value", file=source)
+        raise DataError(f"a {kind} file is a mapping of field: value", file=source)
+    return values, source
+
+
+def config_names() -> list[str]:
+    return packaged_names("erc_distill.configs")
+
+
+def load_config_file(name_or_path: str | Path, known: set[str]) -> dict[str, Any]:
+    """The options of an experiment file; unknown keys are a DataError naming the file and the key."""
+    values, source = read_yaml_mapping(name_or_path, "erc_distill.configs", "config")
     unknown = sorted(set(values) - known)
     if unknown:
         raise DataError(f"unknown option(s) {', '.join(unknown)}; options are the long command-line names with "

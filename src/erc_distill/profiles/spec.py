@@ -7,11 +7,9 @@ A profile is a YAML file: the shipped ones (``cpu-2core``, ``jetson-orin-nx``, `
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from importlib import resources
 from pathlib import Path
 
-import yaml
-
+from erc_distill.config import packaged_names, read_yaml_mapping
 from erc_distill.errors import DataError
 
 BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
@@ -47,28 +45,12 @@ class DeviceProfile:
 
 
 def profile_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("erc_distill.profiles").iterdir() if p.name.endswith(".yaml"))
+    return packaged_names("erc_distill.profiles")
 
 
 def load_profile(name_or_path: str | Path) -> DeviceProfile:
     """A shipped profile by name, or the user's YAML file; errors name the file and the field."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise DataError("profile file not found", file=path)
-        text, source = path.read_text("utf-8"), str(path)
-    elif str(name_or_path) in profile_names():
-        ref = resources.files("erc_distill.profiles").joinpath(f"{name_or_path}.yaml")
-        text, source = ref.read_text("utf-8"), str(ref)
-    else:
-        raise ValueError(f"unknown device profile {name_or_path!r}; shipped: {', '.join(profile_names())}, or a YAML path")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        line = getattr(getattr(err, "problem_mark", None), "line", None)
-        raise DataError(f"not valid YAML: {err}", file=source, line=None if line is None else line + 1) from None
-    if not isinstance(raw, dict):
-        raise DataError("a profile is a mapping of fields", file=source)
+    raw, source = read_yaml_mapping(name_or_path, "erc_distill.profiles", "device profile")
     known = {f.name for f in fields(DeviceProfile)} - {"source"}
     unknown = sorted(set(raw) - known)
     if unknown:
