@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
 import time
 from datetime import date
@@ -92,7 +91,6 @@ def main() -> None:
     from erc_distill.data import ContextBuilder, load_corpus
     from erc_distill.data.datamodule import ErcDataModule
     from erc_distill.export.onnx_export import ort_session
-    from erc_distill.export.quantize import ort_predictions
     from erc_distill.modeling import PromptedClassifier
     from erc_distill.report.metrics import compute_metrics
 

@@ -11,7 +11,7 @@ import torch
 from erc_distill.data import ContextBuilder, ContextConfig
 from erc_distill.data.datamodule import ErcDataModule
 from erc_distill.distill import cache as cache_mod
-from erc_distill.distill.cache import CacheKey, TeacherCache, build_cache, weights_hash
+from erc_distill.distill.cache import CacheKey, build_cache, weights_hash
 from erc_distill.distill.module import predict
 from erc_distill.modeling import load_encoder
 

@@ -18,10 +18,13 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from erc_distill.data.context import ContextConfig
 
 TINY_TEXTS = (
     "Oh my God! Is that a puppy? It's a duck. No. It's Joey's. I hate that duck! Why are you so sad?",

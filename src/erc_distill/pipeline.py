@@ -309,7 +309,7 @@ class Run:
         def run() -> dict[str, Any]:
             from transformers import AutoTokenizer
 
-            from erc_distill.export.quantize import check_int8, quantize
+            from erc_distill.export.quantize import check_int8, ort_predictions, quantize
 
             bundle = Path(record["artifacts"]["bundle"])
             model_dir = Path(self.manifest["stages"]["distill"]["artifacts"]["model"])
@@ -319,19 +319,26 @@ class Run:
             step = max(1, len(train) // max(1, calibration_turns // 8))
             calibration = train[::step][: max(1, calibration_turns // 8)]  # spread over the length range
             dev = list(dm.eval_dataloader("dev"))
-            artifacts, checks = {}, {}
+            float_pred, gold = ort_predictions(bundle / "model.onnx", dev)  # once, for every method
+            artifacts, checks, metrics = {}, {}, {}
             for method in methods:
                 if method == "nncf-qat":
                     path = self._qat(bundle / f"model-int8-{method}.onnx", calibration, key, tok)
                 else:
                     path = quantize(method, bundle / "model.onnx", bundle / f"model-int8-{method}.onnx", calibration)
-                check = check_int8(method, bundle / "model.onnx", path, dev, self.labels, budget_points, min_agreement)
+                int8_pred, _ = ort_predictions(path, dev)
+                check = check_int8(method, float_pred, int8_pred, gold, self.labels,
+                                   round(path.stat().st_size / 2**20, 2), budget_points, min_agreement)
                 self.log(f"{method:>12}: dev weighted F1 {100 * check.int8_dev_weighted_f1:.2f} "
                          f"(float {100 * check.float_dev_weighted_f1:.2f}), agreement "
                          f"{100 * check.argmax_agreement:.2f}%, {check.size_mb:.1f} MB")
                 artifacts[method] = str(path)
                 checks[method] = {**asdict(check), "drop_points": check.drop_points}
-            self._merge_metrics({f"student-int8-{m}": self._onnx_metrics(Path(p), dm) for m, p in artifacts.items()})
+                test_pred, test_gold = ort_predictions(path, dm.eval_dataloader("test"))
+                metrics[f"student-int8-{method}"] = {
+                    "params": self.manifest["stages"]["distill"].get("params"), "file": str(path),
+                    "dev": self._scores(int8_pred, gold), "test": self._scores(test_pred, test_gold)}
+            self._merge_metrics(metrics)
             return {"artifacts": artifacts, "checks": checks}
 
         return self.stage("quantize", key, run)
@@ -351,16 +358,10 @@ class Run:
                              tok.pad_token_id or 0, self.progress)
         return onnx_path
 
-    def _onnx_metrics(self, path: Path, dm: ErcDataModule) -> dict[str, Any]:
-        """dev / test metrics of an ONNX graph (the INT8 variants), like ``metrics.json``'s models."""
-        from erc_distill.export.quantize import ort_predictions
-
-        out: dict[str, Any] = {"params": self.manifest["stages"]["distill"].get("params"), "file": str(path)}
-        for split in ("dev", "test"):
-            pred, gold = ort_predictions(path, dm.eval_dataloader(split))
-            keep = gold >= 0
-            out[split] = compute_metrics(pred[keep], gold[keep], self.labels).to_dict()
-        return out
+    def _scores(self, pred: Any, gold: Any) -> dict[str, Any]:
+        """metrics.json's per-split entry from predicted and gold class indices (unlabelled turns left out)."""
+        keep = gold >= 0
+        return compute_metrics(pred[keep], gold[keep], self.labels).to_dict()
 
     def _merge_metrics(self, extra: dict[str, Any]) -> None:
         path = self.out / "metrics.json"

@@ -9,12 +9,15 @@ RoBERTa / MPNet family, where a leading space changes the tokens). Both are real
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 
 def train_tiny_tokenizer(
     texts: Iterable[str], style: Literal["bert", "roberta"] = "bert", vocab_size: int = 400
-) -> "PreTrainedTokenizerFast":  # noqa: F821
+) -> PreTrainedTokenizerFast:
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -109,15 +109,3 @@ def check_float_parity(model: PromptedClassifier, onnx_path: str | Path, batches
     if not report.max_abs_diff <= atol:
         raise ExportError(f"ONNX export of {onnx_path} differs from PyTorch: {report} (allowed max |Δlogit| {atol:g})")
     return report
-
-
-def check_int8_agreement(float_path: str | Path, int8_path: str | Path, batches: Iterable[Batch],
-                         min_agreement: float = 0.99) -> ParityReport:
-    """Argmax agreement of an INT8 graph with its float reference; ExportError below ``min_agreement``."""
-    ref, cand = ort_session(float_path), ort_session(int8_path)
-    batches = list(batches)
-    report = compare((ref.run(None, ort_inputs(b))[0] for b in batches), (cand.run(None, ort_inputs(b))[0] for b in batches))
-    if report.argmax_agreement < min_agreement:
-        raise ExportError(f"INT8 model {int8_path} disagrees with {float_path}: {report} "
-                          f"(needs argmax agreement >= {100 * min_agreement:.1f}%)")
-    return report

@@ -99,18 +99,16 @@ def ort_predictions(path: str | Path, batches: Iterable[Batch]) -> tuple[np.ndar
     return np.concatenate(preds), np.concatenate(gold)
 
 
-def check_int8(method: str, float_path: str | Path, int8_path: str | Path, dev: Sequence[Batch], labels: Sequence[str],
-               budget_points: float = 1.0, min_agreement: float = 0.99) -> QuantCheck:
-    """Compare an INT8 graph with its float graph on dev; ExportError when either check fails."""
+def check_int8(method: str, float_pred: np.ndarray, int8_pred: np.ndarray, gold: np.ndarray, labels: Sequence[str],
+               size_mb: float, budget_points: float = 1.0, min_agreement: float = 0.99) -> QuantCheck:
+    """Compare an INT8 graph's dev predictions with its float graph's (both [N], from
+    :func:`ort_predictions`); ExportError when either check fails."""
     from erc_distill.report.metrics import compute_metrics
 
-    float_pred, gold = ort_predictions(float_path, dev)
-    int8_pred, _ = ort_predictions(int8_path, dev)
     keep = gold >= 0
     f_float = compute_metrics(float_pred[keep], gold[keep], labels).weighted_f1
     f_int8 = compute_metrics(int8_pred[keep], gold[keep], labels).weighted_f1
-    check = QuantCheck(method, f_float, f_int8, float((float_pred == int8_pred).mean()),
-                       round(Path(int8_path).stat().st_size / 2**20, 2))
+    check = QuantCheck(method, f_float, f_int8, float((float_pred == int8_pred).mean()), size_mb)
     if check.drop_points > budget_points:
         raise ExportError(f"{method}: INT8 dev weighted F1 {100 * f_int8:.2f} is {check.drop_points:.2f} points below "
                           f"the float model's {100 * f_float:.2f} (budget {budget_points:g} points)")
