@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from erc_distill import __version__
+from erc_distill.config import STAGES
 from erc_distill.data.context import CONTEXT_PRESETS, ContextBuilder, ContextConfig, context_preset
 from erc_distill.data.corpora import CORPORA, get_corpus, load_corpus
 from erc_distill.data.paths import DATA_ENV, resolve_data_dir
@@ -110,6 +111,9 @@ def _run_options() -> argparse.ArgumentParser:
     g.add_argument("--quantize-methods", nargs="+", default=["ort-dynamic", "ort-static", "nncf-ptq", "nncf-qat"],
                    choices=["ort-dynamic", "ort-static", "nncf-ptq", "nncf-qat"])
     g.add_argument("--qat-epochs", type=int, default=1, help="nncf-qat fine-tuning epochs")
+    g.add_argument("--start-at", default=None, choices=STAGES,
+                   help="begin at this stage and take the earlier ones from the run's manifest as they are "
+                   "(a run trained on a GPU machine, copied here without the teacher's weights)")
     g.add_argument("--accelerator", default="cpu")
     g.add_argument("--devices", default="1")
     g.add_argument("--strategy", default="auto")
@@ -154,16 +158,21 @@ def _out_dir(args: argparse.Namespace, cfg: "RunConfig") -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from erc_distill.pipeline import STAGES, Run
+    from erc_distill.pipeline import Run
 
     cfg = run_config(args)
     out = _out_dir(args, cfg)
     stages = STAGES if args.command in (None, "run") else STAGES[: STAGES.index(args.command) + 1]
+    if args.start_at:  # earlier stages are taken from the manifest as they are (e.g. trained on another machine)
+        if args.start_at not in stages:
+            raise SystemExit(f"--start-at {args.start_at}: not among this command's stages {', '.join(stages)}")
+        stages = stages[stages.index(args.start_at):]
     run = Run(cfg, out, args.cache_dir, progress=True, device_profile=args.device_profile,
               quantize_methods=args.quantize_methods, qat_epochs=args.qat_epochs)
     from erc_distill.config import dump_config
 
-    dump_config({k: getattr(args, k) for k in sorted(_run_option_names()) if k != "out"}, out / "config.yaml")
+    dump_config({k: getattr(args, k) for k in sorted(_run_option_names()) if k not in ("out", "start_at")},
+                out / "config.yaml")
     run.run(stages)
     print(f"\nrun folder: {out}")
     metrics_file = out / "metrics.json"

@@ -17,6 +17,9 @@ import yaml
 
 from erc_distill.errors import DataError
 
+#: The pipeline's stages, in order (``erc_distill.pipeline`` runs them; here so the CLI needs no torch).
+STAGES = ("teacher", "cache", "distill", "evaluate", "export", "quantize", "profile", "report")
+
 
 def packaged_names(package: str) -> list[str]:
     """Names of the YAML files shipped in ``package`` (e.g. ``erc_distill.configs``)."""

@@ -15,6 +15,9 @@ Saved as a folder: ``encoder/`` (``save_pretrained``: config + safetensors), ``t
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,16 +116,28 @@ class PromptedClassifier(nn.Module):
             tokenizer.save_pretrained(folder / "tokenizer")
         return folder
 
+    @staticmethod
+    def has_weights(folder: str | Path) -> bool:
+        """Whether a saved model folder holds its weights (not only configs, as when copied without them)."""
+        folder = Path(folder)
+        return (folder / "head.safetensors").is_file() and any((folder / "encoder").glob("*.safetensors"))
+
     @classmethod
-    def load(cls, folder: str | Path) -> "PromptedClassifier":
+    def load(cls, folder: str | Path, weights: bool = True) -> "PromptedClassifier":
+        """A model saved by :meth:`save`. ``weights=False``: the same architecture, randomly initialised
+        from the saved configs (for timing a model whose weights live on another machine)."""
         from safetensors.torch import load_file
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
         folder = Path(folder)
         meta = json.loads((folder / "erc_model.json").read_text())
-        model = cls(AutoModel.from_pretrained(folder / "encoder", add_pooling_layer=False),
-                    tuple(meta["labels"]), meta["dropout"], meta["source"])
-        model.head.load_state_dict(load_file(folder / "head.safetensors"))
+        if weights:
+            encoder = AutoModel.from_pretrained(folder / "encoder", add_pooling_layer=False)
+        else:
+            encoder = AutoModel.from_config(AutoConfig.from_pretrained(folder / "encoder"), add_pooling_layer=False)
+        model = cls(encoder, tuple(meta["labels"]), meta["dropout"], meta["source"])
+        if weights:
+            model.head.load_state_dict(load_file(folder / "head.safetensors"))
         return model
 
 
@@ -152,6 +167,8 @@ def tiny_encoder_folder(folder: str | Path, style: str = "roberta", vocab_size: 
     folder = Path(folder)
     if (folder / "config.json").is_file():
         return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))  # whole, or not there at all
     tokenizer = train_tiny_tokenizer(TINY_TEXTS, style, vocab_size=vocab_size)
     sizes = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=37, max_position_embeddings=520, pad_token_id=tokenizer.pad_token_id)
@@ -161,8 +178,12 @@ def tiny_encoder_folder(folder: str | Path, style: str = "roberta", vocab_size: 
         model = RobertaModel(config, add_pooling_layer=False)
     else:
         model = BertModel(BertConfig(**sizes), add_pooling_layer=False)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

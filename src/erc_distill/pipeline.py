@@ -33,8 +33,8 @@ from erc_distill.distill.objective import LossConfig, build_objective
 from erc_distill.distill.train import TrainConfig, train_model
 from erc_distill.modeling import PromptedClassifier, load_encoder, prepare_for_context
 from erc_distill.report.metrics import compute_metrics
+from erc_distill.config import STAGES
 
-STAGES = ("teacher", "cache", "distill", "evaluate", "export", "quantize", "profile", "report")
 CACHE_ENV = "ERC_DISTILL_CACHE"
 
 
@@ -79,6 +79,13 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _artifact_ok(path: Path) -> bool:
+    """An artifact a finished stage can be trusted with: present, and a saved model holds its weights."""
+    if (path / "erc_model.json").is_file():
+        return PromptedClassifier.has_weights(path)
+    return path.exists()
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("erc-distill", "torch", "transformers", "lightning", "torchmetrics", "tokenizers", "numpy"):
@@ -119,7 +126,7 @@ class Run:
     def stage(self, name: str, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         record = self.manifest["stages"].get(name)
         if record and record.get("key") == key and record.get("status") == "done" and all(
-            Path(p).exists() for p in record.get("artifacts", {}).values()
+            _artifact_ok(Path(p)) for p in record.get("artifacts", {}).values()
         ):
             self.log(f"[{name}] up to date (key {key}), skipped")
             return record
@@ -127,7 +134,13 @@ class Run:
         self.manifest["stages"][name] = {"key": key, "status": "running"}
         self.save_manifest()
         start = time.perf_counter()
-        result = fn()
+        try:
+            result = fn()
+        except BaseException as err:  # the failed attempt is recorded; what the stage had before stays readable
+            self.manifest["stages"][name] = {**(record or {}), "key": key, "status": "failed",
+                                             "error": f"{type(err).__name__}: {err}"[:2000]}
+            self.save_manifest()
+            raise
         record = {"key": key, "status": "done", "wall_s": round(time.perf_counter() - start, 1), **result}
         self.manifest["stages"][name] = record
         self.save_manifest()
@@ -157,6 +170,12 @@ class Run:
 
     # -- stages ---------------------------------------------------------------------------------------
     @property
+    def infer_device(self) -> str:
+        """Where the cache and evaluate stages run their forward passes: the training accelerator's GPU, if any."""
+        wants_gpu = self.cfg.student_train.accelerator in ("gpu", "cuda", "auto")
+        return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+    @property
     def teacher_key(self) -> str:
         c = self.cfg
         return _key(c.teacher, c.data, c.teacher_context, c.teacher_train, c.teacher_loss.key(), c.limit)
@@ -169,6 +188,10 @@ class Run:
         def fit() -> dict[str, Any]:
             folder = self.teacher_dir
             if (folder / "model" / "erc_model.json").is_file():
+                if not PromptedClassifier.has_weights(folder / "model"):
+                    raise RuntimeError(f"{folder / 'model'} holds the teacher's configs but not its weights (they stayed "
+                                       "on the machine that trained it): copy its model/ folder here, delete "
+                                       f"{folder} to retrain, or use --start-at to continue a copied run")
                 return json.loads((folder / "result.json").read_text())
             c = self.cfg
             torch.manual_seed(c.teacher_train.seed)  # the head's initialisation follows the seed too
@@ -205,7 +228,7 @@ class Run:
             model = PromptedClassifier.load(model_dir)
             tok = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
             dm = self._datamodule(tok, self.cfg.teacher_context, self.cfg.teacher_train)
-            cache = build_cache(model, dm, folder, key, progress=self.progress)
+            cache = build_cache(model, dm, folder, key, device=self.infer_device, progress=self.progress)
             return {"artifacts": {"cache": str(folder)}, "rows": len(cache)}
 
         return self.stage("cache", stage_key, compute)
@@ -253,7 +276,7 @@ class Run:
                 metrics[name] = {"params": _params(model)}
                 for split in ("dev", "test"):
                     path = self.out / f"predictions_{name}_{split}.csv"
-                    m = evaluate_split(model, dm, split, path)
+                    m = evaluate_split(model, dm, split, path, self.infer_device)
                     metrics[name][split] = m
                     artifacts[f"predictions_{name}_{split}"] = str(path)
                     self.log(f"{name:>8} {split:<5} weighted F1 {100 * m['weighted_f1']:.2f}  "
@@ -309,7 +332,9 @@ class Run:
         def run() -> dict[str, Any]:
             from transformers import AutoTokenizer
 
-            from erc_distill.export.quantize import check_int8, ort_predictions, quantize
+            from erc_distill.errors import ExportError
+            from erc_distill.export.quantize import (RECIPE_VERSION, QuantCheck, check_failures, check_int8,
+                                                     ort_predictions, quantize)
 
             bundle = Path(record["artifacts"]["bundle"])
             model_dir = Path(self.manifest["stages"]["distill"]["artifacts"]["model"])
@@ -322,28 +347,47 @@ class Run:
             float_pred, gold = ort_predictions(bundle / "model.onnx", dev)  # once, for every method
             artifacts, checks, metrics = {}, {}, {}
             for method in methods:
+                path, sidecar = bundle / f"model-int8-{method}.onnx", bundle / f"model-int8-{method}.json"
+                method_key = _key(record["key"], method, calibration_turns, RECIPE_VERSION,
+                                  self.qat_epochs if method == "nncf-qat" else None)
+                done = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+                if done.get("key") == method_key and path.is_file():  # made by an earlier, interrupted attempt
+                    self.log(f"{method:>12}: reused ({path.name}, key {method_key})")
+                    artifacts[method], checks[method] = str(path), done["check"]
+                    metrics[f"student-int8-{method}"] = done["metrics"]
+                    continue
+                reference = None
                 if method == "nncf-qat":
-                    path = self._qat(bundle / f"model-int8-{method}.onnx", calibration, key, tok)
+                    path, reference = self._qat(path, calibration, method_key, tok, dev)
                 else:
-                    path = quantize(method, bundle / "model.onnx", bundle / f"model-int8-{method}.onnx", calibration)
+                    path = quantize(method, bundle / "model.onnx", path, calibration)
                 int8_pred, _ = ort_predictions(path, dev)
                 check = check_int8(method, float_pred, int8_pred, gold, self.labels,
-                                   round(path.stat().st_size / 2**20, 2), budget_points, min_agreement)
+                                   round(path.stat().st_size / 2**20, 2), reference)
                 self.log(f"{method:>12}: dev weighted F1 {100 * check.int8_dev_weighted_f1:.2f} "
-                         f"(float {100 * check.float_dev_weighted_f1:.2f}), agreement "
-                         f"{100 * check.argmax_agreement:.2f}%, {check.size_mb:.1f} MB")
+                         f"(float {100 * check.float_dev_weighted_f1:.2f}), agreement with float "
+                         f"{100 * check.argmax_agreement:.2f}%"
+                         + ("" if reference is None else f", with its PyTorch model {100 * check.export_agreement:.2f}%")
+                         + f", {check.size_mb:.1f} MB")
                 artifacts[method] = str(path)
                 checks[method] = {**asdict(check), "drop_points": check.drop_points}
                 test_pred, test_gold = ort_predictions(path, dm.eval_dataloader("test"))
                 metrics[f"student-int8-{method}"] = {
                     "params": self.manifest["stages"]["distill"].get("params"), "file": str(path),
                     "dev": self._scores(int8_pred, gold), "test": self._scores(test_pred, test_gold)}
+                sidecar.write_text(json.dumps({"key": method_key, "check": checks[method],
+                                               "metrics": metrics[f"student-int8-{method}"]}, indent=2))
             self._merge_metrics(metrics)
+            failures = check_failures([QuantCheck(**{k: v for k, v in c.items() if k != "drop_points"})
+                                       for c in checks.values()], budget_points, min_agreement)
+            if failures:  # every method was measured first, so the error shows all of them
+                raise ExportError("INT8 checks failed (--budget / --quantize-methods to change):\n  "
+                                  + "\n  ".join(failures))
             return {"artifacts": artifacts, "checks": checks}
 
         return self.stage("quantize", key, run)
 
-    def _qat(self, onnx_path: Path, calibration: list, key: str, tok: Any) -> Path:
+    def _qat(self, onnx_path: Path, calibration: list, key: str, tok: Any, dev: list) -> tuple[Path, Any]:
         """NNCF quantization-aware fine-tuning of the distilled student with the distill objective."""
         from erc_distill.export.qat import quantize_aware_train
 
@@ -354,9 +398,9 @@ class Run:
         train = replace(c.student_train, epochs=self.qat_epochs,
                         optim=replace(c.student_train.optim, lr=c.student_train.optim.lr / 5))
         self.log(f"nncf-qat: {self.qat_epochs} epoch(s) of {objective} at lr {train.optim.lr:g}")
-        quantize_aware_train(model, objective, dm, calibration, train, self.out / "qat" / f"train-{key}", onnx_path,
-                             tok.pad_token_id or 0, self.progress)
-        return onnx_path
+        _, reference = quantize_aware_train(model, objective, dm, calibration, train, self.out / "qat" / f"train-{key}",
+                                            onnx_path, tok.pad_token_id or 0, self.progress, reference_batches=dev)
+        return onnx_path, reference
 
     def _scores(self, pred: Any, gold: Any) -> dict[str, Any]:
         """metrics.json's per-split entry from predicted and gold class indices (unlabelled turns left out)."""
@@ -391,8 +435,14 @@ class Run:
 
             if "teacher-fp32" in variants and not (self.out / "teacher_bundle" / "bundle.json").is_file():
                 folder = Path(self.manifest["stages"]["teacher"]["artifacts"]["model"])
-                write_bundle(PromptedClassifier.load(folder).eval(), AutoTokenizer.from_pretrained(folder / "tokenizer"),
-                             self.cfg.teacher_context, self.out / "teacher_bundle")
+                weights = PromptedClassifier.has_weights(folder)
+                if not weights:  # e.g. trained on a GPU machine, run folder copied here without the teacher
+                    self.log("teacher weights are not on this machine: timing its architecture, randomly "
+                             "initialised from its saved config (latency does not depend on the weights)")
+                write_bundle(PromptedClassifier.load(folder, weights=weights).eval(),
+                             AutoTokenizer.from_pretrained(folder / "tokenizer"), self.cfg.teacher_context,
+                             self.out / "teacher_bundle",
+                             provenance={"teacher": str(folder), "weights": "trained" if weights else "random"})
             artifacts = {}
             for name, (bundle, model_file) in variants.items():
                 out = self.out / f"profile_{name}.json"
@@ -444,9 +494,10 @@ class Run:
         return self.stage("report", _key(keys, "report-v1"), report)
 
 
-def evaluate_split(model: PromptedClassifier, dm: ErcDataModule, split: str, csv_path: Path) -> dict[str, Any]:
+def evaluate_split(model: PromptedClassifier, dm: ErcDataModule, split: str, csv_path: Path,
+                   device: str = "cpu") -> dict[str, Any]:
     """Predict ``split``, write ``example_id,dialogue_id,turn,speaker,gold,pred,p_<label>...`` and score it."""
-    ids, logits, _, _ = predict(model, dm.eval_dataloader(split))
+    ids, logits, _, _ = predict(model, dm.eval_dataloader(split), device)
     probs = logits.softmax(-1)
     by_id = {e.example_id: e for e in dm.examples_of(split)}
     labels = model.labels

@@ -17,6 +17,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from erc_distill.data.datamodule import Batch, ErcDataModule
 from erc_distill.distill.objective import Objective
 from erc_distill.distill.train import TrainConfig, TrainResult, train_model
@@ -26,8 +28,13 @@ from erc_distill.modeling import PromptedClassifier
 
 def quantize_aware_train(model: PromptedClassifier, objective: Objective, datamodule: ErcDataModule,
                          calibration: Sequence[Batch], cfg: TrainConfig, out_dir: str | Path,
-                         onnx_path: str | Path, pad_id: int = 0, progress: bool = True) -> TrainResult:
-    """Quantize ``model`` with NNCF, fine-tune it on ``objective``, export the INT8 graph to ``onnx_path``."""
+                         onnx_path: str | Path, pad_id: int = 0, progress: bool = True,
+                         reference_batches: Sequence[Batch] = ()) -> tuple[TrainResult, np.ndarray | None]:
+    """Quantize ``model`` with NNCF, fine-tune it on ``objective``, export the INT8 graph to ``onnx_path``.
+
+    Returns the training result and the exported PyTorch model's predicted classes [N] on
+    ``reference_batches`` (None without them): the reference the INT8 graph must agree with.
+    """
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # a slow first compile is not a failure
     import nncf
 
@@ -40,4 +47,9 @@ def quantize_aware_train(model: PromptedClassifier, objective: Objective, datamo
     stripped = nncf.strip(quantized, strip_format=nncf.StripFormat.NATIVE,
                           example_input=(example.input_ids, example.attention_mask, example.mask_index))
     export_onnx(stripped, onnx_path, pad_id=pad_id)
-    return result
+    reference = None
+    if reference_batches:
+        from erc_distill.distill.module import predict
+
+        reference = predict(stripped, reference_batches)[1].argmax(-1).numpy()
+    return result, reference
