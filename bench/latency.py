@@ -104,7 +104,8 @@ def main() -> None:
     teacher = teacher_tok = None
     if "teacher" in stages:
         teacher_dir = Path(stages["teacher"]["artifacts"]["model"])
-        teacher = PromptedClassifier.load(teacher_dir).eval()
+        teacher_weights = PromptedClassifier.has_weights(teacher_dir)  # absent when trained on another machine:
+        teacher = PromptedClassifier.load(teacher_dir, weights=teacher_weights).eval()  # time its architecture
         teacher_tok = AutoTokenizer.from_pretrained(teacher_dir / "tokenizer")
     bundle = Path(stages["export"]["artifacts"]["bundle"])
     data_name = manifest["config"]["data"]

@@ -40,11 +40,13 @@ def test_full_run_writes_every_artifact(fixture_data, tmp_path, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     int8 = {f"student-int8-{q}" for q in ("ort-dynamic", "ort-static", "nncf-ptq")}
     assert set(metrics) == {"teacher", "student"} | int8
-    variants = {"teacher-fp32", "student-fp32"} | int8
+    variants = {"teacher-fp32", "student-fp32", "student-fp32-fused"} | int8
+    assert m["stages"]["export"]["fused"]["Attention"] == 2  # both tiny layers fused
+    assert m["stages"]["export"]["fused_parity"]["max_abs_diff"] <= 1e-4
     assert {p.name for p in run.glob("profile_*.json")} == {f"profile_{v}.json" for v in variants}
     report = (run / "report.md").read_text()
     for v in variants:  # every variant's test weighted F1 in the report equals metrics.json's
-        name = {"teacher-fp32": "teacher", "student-fp32": "student"}.get(v, v)
+        name = {"teacher-fp32": "teacher", "student-fp32": "student", "student-fp32-fused": "student"}.get(v, v)
         assert f"| {v} | {100 * metrics[name]['test']['weighted_f1']:.2f} |" in report
         p99 = json.loads((run / f"profile_{v}.json").read_text())["p99_ms"]
         assert f"{p99:.2f}" in report

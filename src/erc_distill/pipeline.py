@@ -291,13 +291,13 @@ class Run:
     def run_export(self) -> dict[str, Any]:
         """The student as an inference bundle (float ONNX), checked against PyTorch on dev."""
         record = self.manifest["stages"]["distill"]
-        key = _key(record["key"], "bundle-v1")
+        key = _key(record["key"], "bundle-v2")
 
         def export() -> dict[str, Any]:
             from transformers import AutoTokenizer
 
             from erc_distill.export.bundle import write_bundle
-            from erc_distill.export.onnx_export import check_float_parity
+            from erc_distill.export.onnx_export import check_float_parity, fuse_transformer
 
             folder = Path(record["artifacts"]["model"])
             model = PromptedClassifier.load(folder).eval()
@@ -307,7 +307,16 @@ class Run:
             dm = self._datamodule(tok, self.cfg.student_context, self.cfg.student_train)
             parity = check_float_parity(model, bundle / "model.onnx", dm.eval_dataloader("dev"))
             self.log(f"bundle {bundle}: ONNX vs PyTorch on dev: {parity}")
-            return {"artifacts": {"bundle": str(bundle)}, "parity": asdict(parity)}
+            out = {"artifacts": {"bundle": str(bundle)}, "parity": asdict(parity)}
+            fused = fuse_transformer(bundle / "model.onnx", bundle / "model-fused.onnx", model)
+            if fused:  # the fused kernels compute the same function: held to the same parity
+                fused_parity = check_float_parity(model, bundle / "model-fused.onnx", dm.eval_dataloader("dev"))
+                self.log(f"fused graph ({', '.join(f'{v} {k}' for k, v in fused.items())}) vs PyTorch: {fused_parity}")
+                out.update(fused=fused, fused_parity=asdict(fused_parity))
+                out["artifacts"]["fused"] = str(bundle / "model-fused.onnx")
+            else:
+                self.log("no transformer fusion for this encoder: the INT8 graphs start from the plain graph")
+            return out
 
         return self.stage("export", key, export)
 
@@ -359,8 +368,10 @@ class Run:
                 reference = None
                 if method == "nncf-qat":
                     path, reference = self._qat(path, calibration, method_key, tok, dev)
-                else:
-                    path = quantize(method, bundle / "model.onnx", path, calibration)
+                else:  # dynamic INT8 starts from the fused graph (QAttention); the others from the plain one
+                    fused = bundle / "model-fused.onnx"
+                    source = fused if method == "ort-dynamic" and fused.is_file() else bundle / "model.onnx"
+                    path = quantize(method, source, path, calibration)
                 int8_pred, _ = ort_predictions(path, dev)
                 check = check_int8(method, float_pred, int8_pred, gold, self.labels,
                                    round(path.stat().st_size / 2**20, 2), reference)
@@ -420,7 +431,10 @@ class Run:
         import subprocess
         import sys
 
-        variants = {"student-fp32": (Path(self.manifest["stages"]["export"]["artifacts"]["bundle"]), None)}
+        export = self.manifest["stages"]["export"]["artifacts"]
+        variants = {"student-fp32": (Path(export["bundle"]), None)}
+        if "fused" in export:
+            variants["student-fp32-fused"] = (Path(export["bundle"]), Path(export["fused"]).name)
         for method, path in self.manifest["stages"].get("quantize", {}).get("artifacts", {}).items():
             variants[f"student-int8-{method}"] = (Path(path).parent, Path(path).name)
         if "teacher" in self.manifest["stages"] and self.cfg.teacher is not None:

@@ -4,6 +4,11 @@ The graph takes ``input_ids`` [B, T] int64, ``attention_mask`` [B, T] int64 and 
 (dynamic batch and sequence axes) and returns ``logits`` [B, C]. After export the graph passes
 ``onnx.checker`` and is compared with PyTorch through ONNX Runtime on real batches: a float export
 must agree within ``atol`` (max |logit difference|, default 1e-4) or export fails with the numbers.
+
+Attention is exported in its eager form (MatMul, Softmax, MatMul), which ONNX Runtime's transformer
+optimizer recognises: :func:`fuse_transformer` then fuses each layer into ``Attention``,
+``SkipLayerNormalization`` and ``BiasGelu`` kernels (and the embeddings into
+``EmbedLayerNormalization``), which dynamic quantization turns into ``QAttention`` and INT8 MatMuls.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ def export_onnx(model: PromptedClassifier, path: str | Path, opset: int = DEFAUL
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _LogitsOnly(model).eval()
+    config = model.encoder.config
+    attention = getattr(config, "_attn_implementation", None)
+    config._attn_implementation = "eager"  # the pattern the ORT transformer fusions match (SDPA's is not)
     # trace with padding present, so the attention-mask path is in the graph
     ids = torch.arange(5, 17).repeat(2, 1)
     mask = torch.ones(2, 12, dtype=torch.long)
@@ -58,9 +66,33 @@ def export_onnx(model: PromptedClassifier, path: str | Path, opset: int = DEFAUL
         warnings.filterwarnings("ignore", message=".*aten::index.*")
         torch.onnx.export(wrapper, (ids, mask, torch.tensor([3, 7])), str(path), input_names=list(INPUT_NAMES),
                           output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+    config._attn_implementation = attention
     model.eval()  # the exporter restores the wrapper's training flag; keep the model in eval mode
     onnx.checker.check_model(str(path))
     return path
+
+
+def fuse_transformer(path: str | Path, out_path: str | Path, model: PromptedClassifier) -> dict[str, int]:
+    """ONNX Runtime's transformer fusions on the graph at ``path``, written to ``out_path``.
+
+    Returns the fused-operator counts (e.g. ``{"Attention": 6, "SkipLayerNormalization": 12, ...}``);
+    an empty dict when nothing fused (then ``out_path`` is not written).
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    config = model.encoder.config
+    kind = "bert" if config.model_type in ("bert", "roberta", "xlm-roberta", "distilbert", "electra") else None
+    if kind is None:
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimized = optimize_model(str(path), model_type=kind, num_heads=config.num_attention_heads,
+                                   hidden_size=config.hidden_size)
+    stats = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+    if not stats.get("Attention"):
+        return {}
+    optimized.save_model_to_file(str(out_path))
+    return stats
 
 
 def ort_session(path: str | Path, threads: int | None = None):

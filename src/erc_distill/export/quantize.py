@@ -56,8 +56,12 @@ def quantize(method: str, float_path: str | Path, out_path: str | Path,
     if method == "ort-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        from onnx import TensorProto
+
+        # on a fused graph (com.microsoft Attention etc.) shape inference cannot type every tensor: say float
         quantize_dynamic(str(float_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"])
+                         op_types_to_quantize=["MatMul", "Gemm", "Attention"],
+                         extra_options={"DefaultTensorType": TensorProto.FLOAT})
     elif method == "ort-static":
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 

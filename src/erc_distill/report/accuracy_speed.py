@@ -41,6 +41,10 @@ def load_variants(run_dir: Path) -> list[Variant]:
         profile_file = run_dir / f"profile_{_PROFILE_NAME.get(name, name)}.json"
         profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
         variants.append(Variant(_PROFILE_NAME.get(name, name), m["test"], profile, m.get("params")))
+    fused = run_dir / "profile_student-fp32-fused.json"
+    if fused.is_file() and "student" in metrics:  # the fused graph: the student's function (parity-checked)
+        m = metrics["student"]
+        variants.append(Variant("student-fp32-fused", m["test"], json.loads(fused.read_text()), m.get("params")))
     return variants
 
 
