@@ -135,6 +135,8 @@ def main() -> None:
     plain_metrics = compute_metrics(pred, gold, student.labels).to_dict()
 
     sessions = {"student-fp32-ort": ort_session(bundle / "model.onnx", args.threads)}
+    if (bundle / "model-fused.onnx").is_file():
+        sessions["student-fp32-ort-fused"] = ort_session(bundle / "model-fused.onnx", args.threads)
     for f in sorted(bundle.glob("model-int8-*.onnx")):
         sessions[f"student-int8-{f.stem.removeprefix('model-int8-')}"] = ort_session(f, args.threads)
     sessions["plain-route-int8"] = plain
@@ -155,7 +157,8 @@ def main() -> None:
             rows.append({"variant": name, "seq": seq, **{k: round(v, 3) for k, v in r.items()}})
 
     def f1(name: str) -> float | None:
-        key = {"teacher-fp32-torch": "teacher", "student-fp32-torch": "student", "student-fp32-ort": "student"}.get(name, name)
+        key = {"teacher-fp32-torch": "teacher", "student-fp32-torch": "student", "student-fp32-ort": "student",
+               "student-fp32-ort-fused": "student"}.get(name, name)
         if name == "plain-route-int8":
             return plain_metrics["weighted_f1"]
         return metrics[key]["test"]["weighted_f1"] if key in metrics else None
@@ -164,13 +167,20 @@ def main() -> None:
         r["test_weighted_f1"] = f1(r["variant"])
     hidden = student.hidden_size
     ceiling = {seq: gemm_ceiling(seq, hidden, 4 * hidden, args.threads, args.iters) for seq in args.seq}
-    encoder_params = sum(p.numel() for n, p in student.encoder.named_parameters() if "embeddings" not in n)
+    def dense_params(model) -> int:
+        return sum(p.numel() for n, p in model.encoder.named_parameters() if "embeddings" not in n)
+
+    encoder_params = {"student": dense_params(student), "teacher": dense_params(teacher) if teacher is not None else 0}
     for r in rows:
-        ops = 2 * encoder_params * r["seq"]  # dense ops a turn, attention scores aside
+        # dense ops a turn, attention scores aside
+        ops = 2 * encoder_params["teacher" if r["variant"].startswith("teacher") else "student"] * r["seq"]
         r["gops"] = round(ops / (r["p50_ms"] / 1000) / 1e9, 1)
         r["fraction_of_int8_gemm_ceiling"] = round(r["gops"] / ceiling[r["seq"]], 3)
     result = {"date": date.today().isoformat(), "machine": f"{platform.platform()} ({platform.processor()})",
               "threads": args.threads, "run": str(args.run), "iters": args.iters,
+              "teacher_weights": None if teacher is None else ("trained" if teacher_weights else
+                                                               "random: the trained weights are on another machine; "
+                                                               "the same architecture is timed"),
               "int8_gemm_ceiling_gops": {str(k): round(v, 1) for k, v in ceiling.items()}, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latency.json").write_text(json.dumps(result, indent=2))
