@@ -4,8 +4,9 @@ NNCF 3.x quantizes a PyTorch model (``nncf.quantize``: fake-quantizers placed an
 transformer preset), then leaves fine-tuning to the user's loop. Ours is the distill stage's loop:
 the same Lightning module, the same objective (e.g. ``ce + dist + feature``), the same teacher cache,
 so the INT8 student keeps learning from the teacher while it learns to live with INT8. The result
-is stripped to standard ``QuantizeLinear``/``DequantizeLinear`` ops (``nncf.strip``) and exported to
-ONNX, where ONNX Runtime runs the quantized MatMuls with INT8 kernels.
+is stripped to standard ``QuantizeLinear``/``DequantizeLinear`` ops (``nncf.strip``), exported to
+ONNX with its weights folded to INT8 initializers (:func:`~erc_distill.export.quantize.fold_weight_quantizers`),
+and ONNX Runtime runs the quantized MatMuls with INT8 kernels.
 
 NNCF compiles a small C++ extension the first time it runs (about a minute; cached under
 ``~/.cache/torch_extensions``).
@@ -23,6 +24,7 @@ from erc_distill.data.datamodule import Batch, ErcDataModule
 from erc_distill.distill.objective import Objective
 from erc_distill.distill.train import TrainConfig, TrainResult, train_model
 from erc_distill.export.onnx_export import export_onnx
+from erc_distill.export.quantize import fold_weight_quantizers
 from erc_distill.modeling import PromptedClassifier
 
 
@@ -47,6 +49,7 @@ def quantize_aware_train(model: PromptedClassifier, objective: Objective, datamo
     stripped = nncf.strip(quantized, strip_format=nncf.StripFormat.NATIVE,
                           example_input=(example.input_ids, example.attention_mask, example.mask_index))
     export_onnx(stripped, onnx_path, pad_id=pad_id)
+    fold_weight_quantizers(onnx_path)  # INT8 weights on disk (the export keeps them float behind QuantizeLinear)
     reference = None
     if reference_batches:
         from erc_distill.distill.module import predict
