@@ -1,6 +1,6 @@
 """Per-turn latency and test accuracy of every variant of a run, at batch 1 and fixed lengths.
 
-    python bench/latency.py --run runs/meld-mpnet-base-minilm-l6 --seq 128 256 --iters 200
+    python bench/latency.py --run runs/meld-mpnet-base-minilm-l6 --seq 128 256 --iters 200 --rounds 3
 
 Times, on real MELD tokens cut to exactly ``seq`` tokens (mask near the end), batch 1:
 
@@ -51,6 +51,34 @@ def fixed_length_input(tokenizer, data, seq: int) -> dict[str, np.ndarray]:
             "mask_index": np.array([len(x) - 2], dtype=np.int64)}
 
 
+def time_graph(path: Path, inputs: Path, threads: int, iters: int, warmup: int) -> dict[str, float]:
+    """Child mode: one session on ``path`` (``threads`` 0: ONNX Runtime's defaults), timed on ``inputs`` (.npz)."""
+    import onnxruntime as ort
+
+    from erc_distill.export.onnx_export import ort_session
+
+    feeds = dict(np.load(inputs))
+    if threads:
+        session = ort_session(path, threads)
+    else:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return timed(lambda: session.run(None, feeds), iters, warmup)
+
+
+def time_alone(path: Path, feeds: dict[str, np.ndarray], threads: int, iters: int, warmup: int) -> dict[str, float]:
+    """Time a graph in a fresh process: in-process, idle sessions' pool threads spinning on the same
+    2 cores slowed the next session's timings by a third and made them depend on the order."""
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "inputs.npz", **feeds)
+        done = subprocess.run([sys.executable, __file__, "--time-graph", str(path), "--inputs", str(Path(tmp) / "inputs.npz"),
+                               "--threads", str(threads), "--iters", str(iters), "--warmup", str(warmup), "--run", "-"],
+                              capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def gemm_ceiling(m: int, k: int, n: int, threads: int, iters: int) -> float:
     """GOPS of one INT8 MatMulInteger [m, k] x [k, n] in ONNX Runtime (2·m·k·n ops a run)."""
     import onnx
@@ -83,14 +111,20 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved timing rounds of the ONNX graphs (each in a fresh process); medians reported")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--time-graph", type=Path, default=None, help=argparse.SUPPRESS)  # child mode, see time_alone
+    p.add_argument("--inputs", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.time_graph is not None:
+        print(json.dumps(time_graph(args.time_graph, args.inputs, args.threads, args.iters, args.warmup)))
+        return
 
     from transformers import AutoTokenizer
 
     from erc_distill.data import ContextBuilder, load_corpus
     from erc_distill.data.datamodule import ErcDataModule
-    from erc_distill.export.onnx_export import ort_session
     from erc_distill.modeling import PromptedClassifier
     from erc_distill.report.metrics import compute_metrics
 
@@ -135,9 +169,7 @@ def main() -> None:
     plain_metrics = compute_metrics(pred, gold, student.labels).to_dict()
 
     del plain
-    # graphs are timed one at a time, each in a session made just for it and closed after: an idle
-    # ONNX Runtime session's pool threads spin on the same 2 cores and made the next session's
-    # timings ~35 % slower when all were kept open (measured: 16.5 -> 22.6 ms at 256 tokens)
+    # each graph is timed alone, in a fresh process (time_alone)
     graphs = {"student-fp32-ort": (bundle / "model.onnx", args.threads)}
     if (bundle / "model-fused.onnx").is_file():
         graphs["student-fp32-ort-fused"] = (bundle / "model-fused.onnx", args.threads)
@@ -155,15 +187,15 @@ def main() -> None:
                 tx = {k: torch.from_numpy(v) for k, v in fixed_length_input(teacher_tok, test, seq).items()}
                 results["teacher-fp32-torch"] = timed(lambda: teacher(**tx), args.iters, args.warmup)
             results["student-fp32-torch"] = timed(lambda: student(**tensors), args.iters, args.warmup)
-        for name, (path, threads) in graphs.items():
-            if threads is None:
-                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            else:
-                session = ort_session(path, threads)
-            results[name] = timed(lambda s=session: s.run(None, x), args.iters, args.warmup)
-            del session
+        rounds: dict[str, list[dict[str, float]]] = {name: [] for name in graphs}
+        for _ in range(args.rounds):  # interleaved, so a slow spell of this shared machine hits every graph
+            for name, (path, threads) in graphs.items():
+                rounds[name].append(time_alone(path, x, threads or 0, args.iters, args.warmup))
+        for name, runs in rounds.items():
+            results[name] = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+            results[name]["round_p50_ms"] = [round(r["p50_ms"], 2) for r in runs]
         for name, r in results.items():
-            rows.append({"variant": name, "seq": seq, **{k: round(v, 3) for k, v in r.items()}})
+            rows.append({"variant": name, "seq": seq, **{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}})
 
     def f1(name: str) -> float | None:
         key = {"teacher-fp32-torch": "teacher", "student-fp32-torch": "student", "student-fp32-ort": "student",
@@ -175,7 +207,8 @@ def main() -> None:
     for r in rows:
         r["test_weighted_f1"] = f1(r["variant"])
     hidden = student.hidden_size
-    ceiling = {seq: gemm_ceiling(seq, hidden, 4 * hidden, args.threads, args.iters) for seq in args.seq}
+    ceiling = {seq: max(gemm_ceiling(seq, hidden, 4 * hidden, args.threads, args.iters) for _ in range(args.rounds))
+               for seq in args.seq}
     def dense_params(model) -> int:
         return sum(p.numel() for n, p in model.encoder.named_parameters() if "embeddings" not in n)
 
@@ -186,7 +219,7 @@ def main() -> None:
         r["gops"] = round(ops / (r["p50_ms"] / 1000) / 1e9, 1)
         r["fraction_of_int8_gemm_ceiling"] = round(r["gops"] / ceiling[r["seq"]], 3)
     result = {"date": date.today().isoformat(), "machine": f"{platform.platform()} ({platform.processor()})",
-              "threads": args.threads, "run": str(args.run), "iters": args.iters,
+              "threads": args.threads, "run": str(args.run), "iters": args.iters, "rounds": args.rounds,
               "teacher_weights": None if teacher is None else ("trained" if teacher_weights else
                                                                "random: the trained weights are on another machine; "
                                                                "the same architecture is timed"),

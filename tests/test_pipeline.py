@@ -149,6 +149,11 @@ def test_quantize_every_method_with_its_checks(fixture_data, tmp_path, capsys):
         # the export gate applies where there is a quantized PyTorch model to agree with (QAT)
         assert (c["export_agreement"] is not None) == (method == "nncf-qat")
     assert checks["nncf-qat"]["export_agreement"] >= 0.9
+    import onnx  # QAT weights are stored INT8 (folded), not float behind a QuantizeLinear
+    qat_graph = onnx.load(str(tmp_path / "run" / "bundle" / "model-int8-nncf-qat.onnx")).graph
+    inits = {i.name: i.data_type for i in qat_graph.initializer}
+    assert sum(t == onnx.TensorProto.INT8 for t in inits.values()) >= 8  # 2 layers x 4 Linear weights at least
+    assert not [n for n in qat_graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits]
 
 
 def test_quantize_fails_with_both_numbers_beyond_the_budget(fixture_data, tmp_path, capsys):

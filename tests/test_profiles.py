@@ -88,3 +88,21 @@ assert "torch" not in sys.modules
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads(out.read_text())["turns"] == 50
+
+
+def test_peak_rss_is_the_programs_own_not_its_parents():
+    """ru_maxrss survives execve on Linux: a profiler started by a big pipeline process reported the
+    parent's peak for every variant. The child must report its own."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from erc_distill.profiles.profiler import peak_rss_mb
+
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+    parent = peak_rss_mb()
+    child = float(subprocess.run([sys.executable, "-c", "from erc_distill.profiles.profiler import peak_rss_mb; "
+                                  "print(peak_rss_mb())"], capture_output=True, text=True, check=True).stdout)
+    assert ballast.sum() > 0 and parent > 400
+    assert 0 < child < parent - 300

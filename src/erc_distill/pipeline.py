@@ -499,6 +499,9 @@ class Run:
         from erc_distill.report.accuracy_speed import write_report
 
         keys = [self.manifest["stages"][s]["key"] for s in ("evaluate", "quantize", "profile") if s in self.manifest["stages"]]
+        # and the very files it reads: a profile measured again under the same key must show in the report
+        inputs = [self.out / "metrics.json", *sorted(self.out.glob("profile_*.json"))]
+        keys.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in inputs if p.is_file()})
 
         def report() -> dict[str, Any]:
             artifacts = write_report(self.out)

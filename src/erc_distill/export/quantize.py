@@ -104,9 +104,11 @@ def fold_weight_quantizers(path: str | Path) -> int:
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
+    # the exporter shares repeated zero points through Identity nodes: read through them
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
     folded, keep = 0, []
     for node in graph.node:
-        ins = list(node.input)
+        ins = [alias.get(name, name) for name in node.input]
         if node.op_type != "QuantizeLinear" or not all(n in inits for n in ins[:2]) or (len(ins) > 2 and ins[2] not in inits):
             keep.append(node)
             continue

@@ -55,7 +55,18 @@ class ProfileResult:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process, in MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status`` (this program's own high-water mark).
+    ``getrusage``'s ``ru_maxrss`` is not used there: it survives ``execve``, so a profiler started by a
+    2 GB pipeline process reported the parent's 2 GB for every variant. Elsewhere ``ru_maxrss``
+    (macOS reports bytes).
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
 
