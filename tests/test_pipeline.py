@@ -207,6 +207,16 @@ def test_a_run_trained_elsewhere_continues_without_the_teacher_weights(fixture_d
     bundle = json.loads((tmp_path / "run" / "teacher_bundle" / "bundle.json").read_text())
     assert bundle["provenance"]["weights"] == "random"
     assert "timing its architecture" in capsys.readouterr().out
+    # a variant scored but not timed (an INT8 method the quantize gate rejected) is marked, not blank
+    from erc_distill.report.accuracy_speed import write_report
+
+    metrics_file = tmp_path / "run" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics["student-int8-rejected"] = metrics["student"]
+    metrics_file.write_text(json.dumps(metrics))
+    write_report(tmp_path / "run")
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| student-int8-rejected |" in report and "not profiled" in report
 
 
 def test_start_at_must_be_one_of_the_commands_stages(fixture_data, tmp_path):

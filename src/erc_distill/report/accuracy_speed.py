@@ -69,7 +69,7 @@ def _rows(variants: list[Variant], front: set[str]) -> list[list[str]]:
             f"{teacher.p99 / v.p99:.1f}x" if teacher and teacher.p99 and v.p99 else "–",
             f"{p['model_size_mb']:.1f}" if p else "–",
             _count(v.params),
-            ("PASS" if p["verdict"]["pass"] else "FAIL") if p else "–",
+            ("PASS" if p["verdict"]["pass"] else "FAIL") if p else "not profiled",
             "yes" if v.name in front else "",
         ])
     return rows
@@ -169,6 +169,9 @@ def write_report(run_dir: str | Path) -> dict[str, str]:
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     md += ["", *[f"![{i}]({i})" for i in images], "",
            "Numbers from metrics.json and profile_*.json of this run; budget = the profile's p99 and memory budgets."]
+    if any(v.profile is None for v in variants):
+        md.append("A variant marked 'not profiled' was scored but not timed: e.g. an INT8 method that the quantize "
+                  "stage rejected (its checks are in manifest.json and bundle/model-int8-<method>.json).")
     (run_dir / "report.md").write_text("\n".join(md) + "\n")
     table = "<table>" + "".join(
         "<tr>" + "".join(f"<{'th' if k == 0 else 'td'}>{html.escape(c)}</{'th' if k == 0 else 'td'}>" for c in r) + "</tr>"
