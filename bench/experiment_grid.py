@@ -179,16 +179,13 @@ def main() -> None:
     # phase B waits for the teachers, then picks one (the jobs are added once it is known)
     chosen: str | None = None
     while grid.step(deadline) or chosen is None:
-        teacher_jobs = [grid.jobs[f"teacher-{n}"] for n in args.recipes]
+        teachers_over = all(grid.jobs[f"teacher-{n}"].rc is not None for n in args.recipes)
         waited = args.choose_by is not None and time.perf_counter() - t0 > args.choose_by
-        if chosen is None and (all(j.rc is not None for j in teacher_jobs) or waited):
-            done = done_teachers(out, args.recipes)
-            if not done and all(j.rc is not None for j in teacher_jobs):
-                print("no MELD teacher finished: nothing to distil", flush=True)
-                break
-        if chosen is None and done_teachers(out, args.recipes) and (
-                all(grid.jobs[f"teacher-{n}"].rc is not None for n in args.recipes) or waited):
-            done = done_teachers(out, args.recipes)
+        done = done_teachers(out, args.recipes)
+        if chosen is None and teachers_over and not done:
+            print("no MELD teacher finished: nothing to distil", flush=True)
+            break
+        if chosen is None and done and (teachers_over or waited):
             chosen = max(done, key=lambda n: done[n]["best_dev_weighted_f1"])
             print(f"chosen teacher: {chosen} (dev weighted F1 {100 * done[chosen]['best_dev_weighted_f1']:.2f})",
                   flush=True)
