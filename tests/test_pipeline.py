@@ -222,3 +222,31 @@ def test_a_run_trained_elsewhere_continues_without_the_teacher_weights(fixture_d
 def test_start_at_must_be_one_of_the_commands_stages(fixture_data, tmp_path):
     with pytest.raises(SystemExit, match="not among this command's stages"):
         main(["distill", *argv(fixture_data, tmp_path), "--start-at", "export"])
+
+
+def test_a_moved_run_and_cache_folder_keep_working(fixture_data, tmp_path, capsys):
+    """Train in one place, move the run and cache folders (another machine, another disk), carry on:
+    the manifest's artifact paths follow, finished stages stay finished."""
+    import shutil
+
+    assert main(["evaluate", *argv(fixture_data, tmp_path)]) == 0
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(tmp_path / "run"), str(moved / "run"))
+    shutil.move(str(tmp_path / "cache"), str(moved / "cache"))
+    capsys.readouterr()
+    assert main(["export", *argv(fixture_data, moved)]) == 0
+    out = capsys.readouterr().out
+    for stage in ("teacher", "cache", "distill", "evaluate"):
+        assert f"[{stage}] up to date" in out
+    m = manifest(moved)
+    for record in m["stages"].values():
+        for path in record.get("artifacts", {}).values():
+            assert path.startswith(str(moved.resolve())), path
+    assert m["paths"] == {"run": str((moved / "run").resolve()), "cache": str((moved / "cache").resolve())}
+    # a new run folder on the moved cache reuses the teacher and finds it where it is now
+    args = argv(fixture_data, tmp_path / "second")
+    args[args.index("--cache-dir") + 1] = str(moved / "cache")
+    assert main(["evaluate", *args]) == 0
+    teacher = manifest(tmp_path / "second")["stages"]["teacher"]
+    assert teacher["artifacts"]["model"].startswith(str(moved / "cache"))
+    assert teacher["train"] == m["stages"]["teacher"]["train"]  # the same teacher, not retrained

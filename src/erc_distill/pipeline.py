@@ -114,8 +114,25 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.out / "manifest.json"
         self.manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {"stages": {}}
-        self.manifest.update(config=asdict(cfg), versions=package_versions(), machine=_machine())
+        self._relocate()
+        self.manifest.update(config=asdict(cfg), versions=package_versions(), machine=_machine(),
+                             paths={"run": str(self.out.resolve()), "cache": str(self.cache_dir.resolve())})
         self.labels = get_corpus(cfg.data).labels
+
+    def _relocate(self) -> None:
+        """A run folder (and cache folder) copied or moved elsewhere keeps working: artifact paths under the
+        run and cache folders the manifest was written in are mapped to the ones this run uses."""
+        before = self.manifest.get("paths", {})
+        moves = [(before.get(k), str(now.resolve())) for k, now in (("run", self.out), ("cache", self.cache_dir))]
+        moves = [(old, new) for old, new in moves if old and old != new]
+        if not moves:
+            return
+        for record in self.manifest["stages"].values():
+            for name, path in record.get("artifacts", {}).items():
+                for old, new in moves:
+                    if path == old or path.startswith(old.rstrip("/") + "/"):
+                        record["artifacts"][name] = new + path[len(old.rstrip("/")):]
+                        break
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def save_manifest(self) -> None:
@@ -192,7 +209,9 @@ class Run:
                     raise RuntimeError(f"{folder / 'model'} holds the teacher's configs but not its weights (they stayed "
                                        "on the machine that trained it): copy its model/ folder here, delete "
                                        f"{folder} to retrain, or use --start-at to continue a copied run")
-                return json.loads((folder / "result.json").read_text())
+                result = json.loads((folder / "result.json").read_text())
+                result["artifacts"] = {"model": str(folder / "model")}  # where it is now (the cache may have moved)
+                return result
             c = self.cfg
             torch.manual_seed(c.teacher_train.seed)  # the head's initialisation follows the seed too
             model, tok = load_encoder(c.teacher, self.labels)
