@@ -110,7 +110,7 @@ class Grid:
 
 
 def teacher_result(run_dir: Path) -> dict | None:
-    """The teacher stage's record in a run's manifest, joined with its result.json."""
+    """The finished teacher stage of a run's manifest: its key, training result and wall time (else None)."""
     manifest = run_dir / "manifest.json"
     if not manifest.is_file():
         return None

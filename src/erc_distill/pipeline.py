@@ -373,7 +373,8 @@ class Run:
             calibration = train[::step][: max(1, calibration_turns // 8)]  # spread over the length range
             dev = list(dm.eval_dataloader("dev"))
             float_pred, gold = ort_predictions(bundle / "model.onnx", dev)  # once, for every method
-            artifacts, checks, metrics = {}, {}, {}
+            artifacts, checks, metrics, results = {}, {}, {}, []
+            fused = self.manifest["stages"]["export"]["artifacts"].get("fused")
             for method in methods:
                 path, sidecar = bundle / f"model-int8-{method}.onnx", bundle / f"model-int8-{method}.json"
                 method_key = _key(record["key"], method, calibration_turns, RECIPE_VERSION,
@@ -383,13 +384,13 @@ class Run:
                     self.log(f"{method:>12}: reused ({path.name}, key {method_key})")
                     artifacts[method], checks[method] = str(path), done["check"]
                     metrics[f"student-int8-{method}"] = done["metrics"]
+                    results.append(QuantCheck(**{k: v for k, v in done["check"].items() if k != "drop_points"}))
                     continue
                 reference = None
                 if method == "nncf-qat":
                     path, reference = self._qat(path, calibration, method_key, tok, dev)
                 else:  # dynamic INT8 starts from the fused graph (QAttention); the others from the plain one
-                    fused = bundle / "model-fused.onnx"
-                    source = fused if method == "ort-dynamic" and fused.is_file() else bundle / "model.onnx"
+                    source = Path(fused) if method == "ort-dynamic" and fused else bundle / "model.onnx"
                     path = quantize(method, source, path, calibration)
                 int8_pred, _ = ort_predictions(path, dev)
                 check = check_int8(method, float_pred, int8_pred, gold, self.labels,
@@ -400,6 +401,7 @@ class Run:
                          + ("" if reference is None else f", with its PyTorch model {100 * check.export_agreement:.2f}%")
                          + f", {check.size_mb:.1f} MB")
                 artifacts[method] = str(path)
+                results.append(check)
                 checks[method] = {**asdict(check), "drop_points": check.drop_points}
                 test_pred, test_gold = ort_predictions(path, dm.eval_dataloader("test"))
                 metrics[f"student-int8-{method}"] = {
@@ -408,8 +410,7 @@ class Run:
                 sidecar.write_text(json.dumps({"key": method_key, "check": checks[method],
                                                "metrics": metrics[f"student-int8-{method}"]}, indent=2))
             self._merge_metrics(metrics)
-            failures = check_failures([QuantCheck(**{k: v for k, v in c.items() if k != "drop_points"})
-                                       for c in checks.values()], budget_points, min_agreement)
+            failures = check_failures(results, budget_points, min_agreement)
             if failures:  # every method was measured first, so the error shows all of them
                 raise ExportError("INT8 checks failed (--budget / --quantize-methods to change):\n  "
                                   + "\n  ".join(failures))

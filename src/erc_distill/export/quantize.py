@@ -32,10 +32,10 @@ from erc_distill.data.datamodule import Batch
 from erc_distill.export.onnx_export import ort_inputs, ort_session
 
 METHODS = ("ort-dynamic", "ort-static", "nncf-ptq")
-#: Bumped when a method's recipe changes, so runs made with the old one are not reused.
-RECIPE_VERSION = 2
 """Post-training methods that :func:`quantize` runs on an ONNX graph."""
 ALL_METHODS = (*METHODS, "nncf-qat")
+RECIPE_VERSION = 2
+"""Bumped when a method's recipe changes, so graphs made with the old one are not reused."""
 
 
 class _Calibration:
