@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from erc_distill.data import load_corpus
+from erc_distill.data import get_corpus, load_corpus
 from erc_distill.data.corpora import parse_seconds
+from erc_distill.errors import DataError
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -56,6 +57,65 @@ def test_iemocap_speaker_letter_start_time_order_and_aliases(fixture_data):
     assert d.turns[0].media.video_path == "Session1/avi/Ses01F_impro01.avi"
     assert data.dialogue("Ses02M_script01_1").turns[1].label == "hap"
     assert data.labels == ("hap", "sad", "neu", "ang", "exc", "fru")
+
+
+IEMOCAP_HEADER = "Utterance,Speaker,Dialogue_ID,Start_Time,End_Time,Wav_Path,Video_Path,Emotion\n"
+
+
+def iemocap_csv(path, *rows: tuple[str, str, float, str]):
+    """A tiny CSV in IEMOCAP's common text layout: (text, utterance id, start, label) rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"{text},{utt},{utt.rsplit('_', 1)[0]},{start},{start + 1},{utt}.wav,{utt.rsplit('_', 1)[0]}.avi,{label}\n"
+        for text, utt, start, label in rows
+    ]
+    path.write_text(IEMOCAP_HEADER + "".join(lines), encoding="utf-8")
+    return path
+
+
+def test_iemocap_reads_telme_file_names(tmp_path):
+    folder = tmp_path / "iemocap"
+    for split in ("train", "dev", "test"):
+        iemocap_csv(
+            folder / f"IEMOCAP_{split}.csv",
+            (f"{split} two.", "Ses01F_impro01_M000", 2.0, "ang"),
+            (f"{split} one.", "Ses01F_impro01_F000", 1.0, "excited"),
+        )
+    for split in ("train", "dev", "test"):
+        data = load_corpus("iemocap", split, tmp_path)
+        d = data.dialogue("Ses01F_impro01")
+        assert [t.text for t in d.turns] == [f"{split} one.", f"{split} two."]
+        assert [t.label for t in d.turns] == ["exc", "ang"]
+        assert data.files == (str(folder / f"IEMOCAP_{split}.csv"),)
+
+
+def test_iemocap_first_existing_name_wins(tmp_path):
+    folder = tmp_path / "iemocap"
+    iemocap_csv(folder / "train.csv", ("Ours.", "Ses01F_impro01_F000", 1.0, "neu"))
+    iemocap_csv(folder / "IEMOCAP_train.csv", ("TelME's.", "Ses01F_impro01_F000", 1.0, "sad"))
+    assert get_corpus("iemocap").candidates("train") == ("train.csv", "IEMOCAP_train.csv")
+    data = load_corpus("iemocap", "train", tmp_path)
+    assert [t.text for t in data.turns] == ["Ours."]
+    (folder / "train.csv").unlink()
+    assert [t.text for t in load_corpus("iemocap", "train", tmp_path).turns] == ["TelME's."]
+
+
+def test_missing_iemocap_lists_both_names_tried(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_corpus("iemocap", "test", tmp_path)
+    message = str(err.value)
+    assert err.value.file == str(tmp_path / "iemocap" / "test.csv")
+    assert "tried test.csv or IEMOCAP_test.csv" in message
+    assert "(IEMOCAP_train.csv, IEMOCAP_dev.csv, IEMOCAP_test.csv)" in message
+    assert "$ERC_DISTILL_DATA" in message and "fetch-data" not in message  # it cannot be downloaded
+
+
+def test_other_corpora_keep_their_single_file_names():
+    assert get_corpus("meld").files == {
+        "train": "train_sent_emo.csv", "dev": "dev_sent_emo.csv", "test": "test_sent_emo.csv",
+    }
+    assert get_corpus("emorynlp").candidates("dev") == ("emorynlp_dev_final.csv",)
+    assert get_corpus("meld-dyadic").files["test"] == "test_sent_emo_dya.csv"
 
 
 @pytest.mark.parametrize(

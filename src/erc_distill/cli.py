@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -28,10 +29,10 @@ from erc_distill.data.context import CONTEXT_PRESETS, ContextBuilder, ContextCon
 from erc_distill.data.corpora import CORPORA, get_corpus, load_corpus
 from erc_distill.data.paths import DATA_ENV, resolve_data_dir
 from erc_distill.data.types import SPLITS
-from erc_distill.errors import DataError, ExportError
+from erc_distill.errors import ConfigError, UserError
 
-if TYPE_CHECKING:  # the pipeline pulls in torch; `erc-distill stream` must run without it
-    from erc_distill.pipeline import RunConfig
+if TYPE_CHECKING:
+    from erc_distill.config import RunConfig
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -71,84 +72,96 @@ def _builder(tokenizer_name: str, config: ContextConfig) -> ContextBuilder:
     return ContextBuilder(tokenizer, config, name=tokenizer_name)
 
 
+def _config_type(path: str):
+    """An argparse ``type`` that checks a value against config field ``path`` (its type and bounds)."""
+    from erc_distill.config import LEAVES, validate_value
+
+    def convert(text: str):
+        try:
+            return validate_value(LEAVES[path], text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
+
+
+def _add_config_flag(group: argparse._ArgumentGroup, name: str, help: str) -> None:
+    """One generated flag (``name`` is a dotted field, a section shorthand or an alias); its raw value
+    lands in ``cfg:<name>`` and is coerced and checked by :func:`erc_distill.config.build_config`."""
+    from erc_distill.config import ALIASES, LEAVES
+
+    target = ALIASES.get(name, (name,))[0]
+    tp = LEAVES[target].type if target in LEAVES else str
+    metavar = {int: "N", float: "X"}.get(tp, "N" if tp == (int | None) else "X" if tp == (float | None) else "V")
+    kwargs: dict = {"metavar": metavar}
+    if tp is bool:
+        kwargs = {"nargs": "?", "const": "true", "metavar": "BOOL"}
+    elif typing.get_origin(tp) is tuple:
+        kwargs = {"nargs": "+", "metavar": metavar}
+    group.add_argument("--" + name.replace("_", "-"), dest=f"cfg:{name}", default=argparse.SUPPRESS, help=help,
+                       **kwargs)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _run_options() -> argparse.ArgumentParser:
+    """The run options, generated from the config dataclasses (:mod:`erc_distill.config`)."""
+    from erc_distill.config import ALIASES, LEAVES, SHORTHANDS, RunConfig, _get_path
+
     p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("pipeline")
+    g = p.add_argument_group("run")
     g.add_argument("--config", default=None,
                    help="experiment file (shipped name or YAML path) setting these options; flags override it")
-    g.add_argument("--teacher", default="mpnet-base", help="teacher encoder: preset, hub id, folder, or 'none'")
-    g.add_argument("--student", default="minilm-l6", help="student encoder: preset, hub id or folder")
-    g.add_argument("--data", default="meld", choices=sorted(CORPORA))
-    g.add_argument("--data-dir", type=Path, default=None)
     g.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<data>-<teacher>-<student>)")
     g.add_argument("--cache-dir", type=Path, default=None,
                    help="teachers and teacher-output caches (default: $ERC_DISTILL_CACHE or ~/.cache/erc-distill)")
-    g.add_argument("--context", default="spcl", choices=sorted(CONTEXT_PRESETS), help="student context preset")
-    g.add_argument("--teacher-context", default="spcl", choices=sorted(CONTEXT_PRESETS))
-    g.add_argument("--max-len", type=int, default=256, help="student input budget")
-    g.add_argument("--teacher-max-len", type=int, default=256)
-    g.add_argument("--loss", default="ce=1,dist=1,feature=0.5", help="student objective, name=weight,...")
-    g.add_argument("--teacher-loss", default="ce=1", help="teacher objective")
-    g.add_argument("--tau", type=float, default=4.0, help="temperature of kd / dist")
-    g.add_argument("--class-weight-power", type=float, default=0.0, help="ce class weights (N / C n_c)^p")
-    g.add_argument("--spcl-curriculum", action="store_true", help="SPCL's easy-to-hard curriculum for the spcl term")
-    g.add_argument("--epochs", type=int, default=3)
-    g.add_argument("--teacher-epochs", type=int, default=3)
-    g.add_argument("--lr", type=float, default=5e-5)
-    g.add_argument("--teacher-lr", type=float, default=2e-5)
-    g.add_argument("--head-lr", type=float, default=1e-4)
-    g.add_argument("--layer-decay", type=float, default=1.0, help="student layer-wise LR decay")
-    g.add_argument("--teacher-layer-decay", type=float, default=0.9)
-    g.add_argument("--freeze-teacher-layers", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--accumulate", type=int, default=1)
-    g.add_argument("--val-check-interval", type=float, default=1.0, help="dev evaluations per epoch: 1/x")
-    g.add_argument("--checkpoint-every", type=int, default=100, help="save last.ckpt every N optimizer steps")
-    g.add_argument("--seed", type=int, default=0, help="student seed")
     g.add_argument("--quick", action="store_true", help="minutes end to end on a slice of the data")
-    g.add_argument("--profile", dest="device_profile", default="cpu-2core",
-                   help="device profile for the profile stage: shipped name or YAML path")
-    g.add_argument("--quantize-methods", nargs="+", default=["ort-dynamic", "ort-static", "nncf-ptq", "nncf-qat"],
-                   choices=["ort-dynamic", "ort-static", "nncf-ptq", "nncf-qat"])
-    g.add_argument("--qat-epochs", type=int, default=1, help="nncf-qat fine-tuning epochs")
     g.add_argument("--start-at", default=None, choices=STAGES,
                    help="begin at this stage and take the earlier ones from the run's manifest as they are "
                    "(a run trained on a GPU machine, copied here without the teacher's weights)")
-    g.add_argument("--accelerator", default="cpu")
-    g.add_argument("--devices", default="1")
-    g.add_argument("--strategy", default="auto")
-    g.add_argument("--precision", default="32-true")
+    g.add_argument("--force", nargs="+", default=(), choices=STAGES, metavar="STAGE",
+                   help="rerun these stages even if they are up to date")
+    g.add_argument("--no-fetch", action="store_true", help="never download a missing corpus")
+    defaults = RunConfig()
+    common = p.add_argument_group("common settings (short names of the fields below)")
+    for name, help in {k: v[1] for k, v in SHORTHANDS.items()}.items():
+        _add_config_flag(common, name, help)
+    for name, targets in ALIASES.items():
+        if name not in SHORTHANDS:
+            _add_config_flag(common, name, "sets " + ", ".join(targets))
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for path, leaf in LEAVES.items():
+        section = path.rpartition(".")[0] or "run config"
+        if section not in groups:
+            groups[section] = p.add_argument_group(section)
+        if path in ALIASES:  # a top-level field (--teacher) that is also an alias name
+            continue
+        default = _get_path(defaults, path)
+        _add_config_flag(groups[section], path, f"{leaf.help} (default: {default})".lstrip())
     return p
 
 
-def run_config(args: argparse.Namespace) -> "RunConfig":
-    from erc_distill.distill.module import OptimConfig
-    from erc_distill.distill.objective import LossConfig, parse_loss_spec
-    from erc_distill.distill.train import TrainConfig
-    from erc_distill.pipeline import RunConfig, quick
+def _cli_settings(args: argparse.Namespace) -> list:
+    from erc_distill.config import Setting
 
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    common = dict(batch_size=args.batch_size, accumulate=args.accumulate, accelerator=args.accelerator,
-                  devices=devices, strategy=args.strategy, precision=args.precision,
-                  val_check_interval=args.val_check_interval, checkpoint_every_n_steps=args.checkpoint_every)
-    cfg = RunConfig(
-        teacher=None if args.teacher.lower() == "none" else args.teacher,
-        student=args.student,
-        data=args.data,
-        data_dir=str(args.data_dir) if args.data_dir else None,
-        teacher_context=context_preset(args.teacher_context, max_len=args.teacher_max_len),
-        student_context=context_preset(args.context, max_len=args.max_len),
-        teacher_train=TrainConfig(epochs=args.teacher_epochs, freeze_layers=args.freeze_teacher_layers,
-                                  optim=OptimConfig(lr=args.teacher_lr, head_lr=args.head_lr,
-                                                    layer_decay=args.teacher_layer_decay), **common),
-        teacher_loss=LossConfig(weights=parse_loss_spec(args.teacher_loss),
-                                class_weight_power=args.class_weight_power),
-        student_train=TrainConfig(epochs=args.epochs, seed=args.seed,
-                                  optim=OptimConfig(lr=args.lr, head_lr=args.head_lr, layer_decay=args.layer_decay),
-                                  **common),
-        loss=LossConfig(weights=parse_loss_spec(args.loss), tau=args.tau, class_weight_power=args.class_weight_power,
-                        spcl_curriculum=args.spcl_curriculum),
-    )
+    return [Setting(k[4:], v, "command line", "--" + k[4:].replace("_", "-"))
+            for k, v in vars(args).items() if k.startswith("cfg:")]
+
+
+def run_config(args: argparse.Namespace) -> "RunConfig":
+    """The run's config: defaults < the ``--config`` file < typed flags; ``--quick`` shrinks it."""
+    from erc_distill.config import build_config, load_config_file, quick
+
+    settings = load_config_file(args.config) if args.config else []
+    cfg = build_config(settings + _cli_settings(args))
     return quick(cfg) if args.quick else cfg
 
 
@@ -158,22 +171,20 @@ def _out_dir(args: argparse.Namespace, cfg: "RunConfig") -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from erc_distill.pipeline import Run
+    from erc_distill.config import dump_config
+    from erc_distill.stages import open_run, run_pipeline
 
     cfg = run_config(args)
     out = _out_dir(args, cfg)
-    stages = STAGES if args.command in (None, "run") else STAGES[: STAGES.index(args.command) + 1]
+    command = args.command if args.command not in (None, "run") else "report"
+    stages = STAGES[: STAGES.index(command) + 1]
     if args.start_at:  # earlier stages are taken from the manifest as they are (e.g. trained on another machine)
         if args.start_at not in stages:
-            raise SystemExit(f"--start-at {args.start_at}: not among this command's stages {', '.join(stages)}")
+            raise ConfigError(f"not among this command's stages {', '.join(stages)}", field="--start-at")
         stages = stages[stages.index(args.start_at):]
-    run = Run(cfg, out, args.cache_dir, progress=True, device_profile=args.device_profile,
-              quantize_methods=args.quantize_methods, qat_epochs=args.qat_epochs)
-    from erc_distill.config import dump_config
-
-    dump_config({k: getattr(args, k) for k in sorted(_run_option_names()) if k not in ("out", "start_at")},
-                out / "config.yaml")
-    run.run(stages)
+    ctx = open_run(cfg, out, args.cache_dir, fetch=not args.no_fetch)
+    dump_config(cfg, out / "config.yaml")
+    run_pipeline(ctx, stages, force=args.force)
     print(f"\nrun folder: {out}")
     metrics_file = out / "metrics.json"
     if metrics_file.is_file():
@@ -184,13 +195,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                          f"{100 * m['test']['weighted_f1']:.2f}", f"{100 * m['test']['macro_f1']:.2f}",
                          f"{100 * m['test']['accuracy']:.2f}"])
         print(_table(rows))
+    checks = ctx.manifest.stages.get("quantize", {}).get("checks") if "quantize" in stages else None
+    if checks:
+        rows = [["method", "dev wF1 int8", "dev wF1 float", "drop (points)", "agreement", "MB"]]
+        for method, c in checks.items():
+            rows.append([method, f"{100 * c['int8_dev_weighted_f1']:.2f}", f"{100 * c['float_dev_weighted_f1']:.2f}",
+                         f"{c['drop_points']:.2f}", f"{100 * c['argmax_agreement']:.2f}%", c["size_mb"]])
+        print("\n" + _table(rows))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     run_opts = _run_options()
     parser = argparse.ArgumentParser(
-        prog="erc-distill",
+        prog="erc-distill", usage="erc-distill [COMMAND] [OPTIONS]  (erc-distill COMMAND --help)",
         parents=[run_opts],
         description="Distil large Emotion-Recognition-in-Conversation teachers into small, fast students. "
         "Without a subcommand: run the whole pipeline.",
@@ -198,15 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(func=cmd_run)
     parser.add_argument("--version", action="version", version=f"erc-distill {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    parser.run_parsers = [parser]  # the parsers whose defaults an experiment file sets
     for stage, text in (("run", "the whole pipeline (the default)"), ("teacher", "fine-tune the teacher"),
                         ("cache", "cache the teacher's outputs"), ("distill", "train the student"),
                         ("evaluate", "score teacher and student, write metrics.json and predictions"),
                         ("export", "the student as an ONNX inference bundle, checked against PyTorch"),
+                        ("quantize", "INT8 graphs of the run's bundle, each checked on dev"),
                         ("report", "quantize, profile on the device profile, write the accuracy-vs-speed report")):
         stage_parser = sub.add_parser(stage, parents=[run_opts], help=text)
         stage_parser.set_defaults(func=cmd_run)
-        parser.run_parsers.append(stage_parser)
 
     p = sub.add_parser("data-stats", help="per-split counts, labels and input token lengths of a corpus")
     _add_data_args(p)
@@ -226,14 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", action="store_true", help="also print the token ids")
     p.set_defaults(func=cmd_show_input)
 
-    p = sub.add_parser("quantize", parents=[run_opts], help="INT8 graphs of the run's bundle, checked on dev")
-    p.add_argument("--method", nargs="+", default=["ort-dynamic", "ort-static", "nncf-ptq", "nncf-qat"],
-                   choices=["ort-dynamic", "ort-static", "nncf-ptq", "nncf-qat"])
-    p.add_argument("--budget", type=float, default=None, help="allowed dev weighted-F1 drop, points (1.0)")
-    p.add_argument("--calibration-turns", type=int, default=256)
-    p.set_defaults(func=cmd_quantize)
-    parser.run_parsers.append(p)
-
     p = sub.add_parser("profile", help="time the per-turn path of a bundle on real turns, against a device profile")
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--profile", default="cpu-2core", help="device profile: shipped name or YAML path")
@@ -241,14 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="meld", choices=sorted(CORPORA))
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--split", default="test", choices=SPLITS)
-    p.add_argument("--turns", type=int, default=None, help="timed turns (default: the whole split)")
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--turns", type=_config_type("profile.turns"), default=None,
+                   help="timed turns (default: the whole split)")
+    p.add_argument("--warmup", type=_config_type("profile.warmup"), default=20)
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("stream", help="classify turns read as JSON lines from stdin with an exported bundle")
     p.add_argument("--bundle", type=Path, required=True, help="bundle folder (runs/NAME/bundle)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--max-text-chars", type=_positive_int, default=2000, help="longer turns are rejected")
+    p.add_argument("--max-conversations", type=_positive_int, default=1000,
+                   help="live conversations kept (least recently used evicted)")
+    p.add_argument("--idle-ttl", type=float, default=3600.0, help="seconds before an idle conversation is forgotten")
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("fetch-data", help="download (or copy with --from) a corpus, verified by SHA-256")
@@ -268,34 +282,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv:
         parser.print_help()
         return 2
-    args = None
+    args = parser.parse_args(argv)
     try:
-        _apply_config_file(parser, argv)
-        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
-    except (DataError, ExportError, OSError, ValueError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        command = (args.command if args is not None else None) or "run"
-        print(f"erc-distill {command}: error: {message}", file=sys.stderr)
+    except UserError as err:  # one line; anything else is a bug and keeps its traceback
+        print(f"erc-distill {args.command or 'run'}: error: {err}", file=sys.stderr)
         return 1
-
-
-def _run_option_names() -> set[str]:
-    return {a.dest for a in _run_options()._actions if a.dest not in ("help", "config")}
-
-
-def _apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    """``--config FILE``: its values become the defaults of the run options (typed flags still win)."""
-    from erc_distill.config import load_config_file
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    if known.config is None:
-        return
-    values = load_config_file(known.config, _run_option_names())
-    for p in parser.run_parsers:
-        p.set_defaults(**values)
+    except KeyboardInterrupt as err:
+        print(f"erc-distill {args.command or 'run'}: interrupted{': ' + str(err) if str(err) else ''}; "
+              "rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 # ----------------------------------------------------------------------------- commands
@@ -367,22 +363,6 @@ def cmd_show_input(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
-    """Run the pipeline up to ``export`` (skipping what is done), then quantize the bundle."""
-    from erc_distill.pipeline import Run
-
-    args.command = "export"
-    cmd_run(args)
-    run = Run(run_config(args), _out_dir(args, run_config(args)), args.cache_dir, qat_epochs=args.qat_epochs)
-    record = run.run_quantize(args.method, args.budget, args.calibration_turns)
-    rows = [["method", "dev wF1 int8", "dev wF1 float", "drop (points)", "agreement", "MB"]]
-    for method, c in record["checks"].items():
-        rows.append([method, f"{100 * c['int8_dev_weighted_f1']:.2f}", f"{100 * c['float_dev_weighted_f1']:.2f}",
-                     f"{c['drop_points']:.2f}", f"{100 * c['argmax_agreement']:.2f}%", c["size_mb"]])
-    print(_table(rows))
-    return 0
-
-
 def cmd_profile(args: argparse.Namespace) -> int:
     from erc_distill.profiles import load_profile
     from erc_distill.profiles.profiler import profile_bundle
@@ -391,8 +371,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     data = load_corpus(args.data, args.split, args.data_dir)
     result = profile_bundle(args.bundle, device, data.dialogues, args.model_file, args.warmup, args.turns)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(result.to_json())
+        from erc_distill.atomic import write_text
+
+        write_text(args.json, result.to_json())
     v = result.verdict
     print(f"{result.variant} on {device.name} ({device.backend}, {device.threads} threads): {result.turns} turns of "
           f"{args.data}/{args.split}, mean {result.mean_tokens:.0f} tokens")
@@ -405,26 +386,20 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    """stdin: ``{"conversation": ID, "speaker": S, "text": T}`` per line; stdout: one prediction per line."""
+    """stdin: ``{"conversation": ID, "speaker": S, "text": T}`` per line; stdout: one JSON line per input line,
+    a prediction or ``{"error": ...}`` (a bad line never stops the stream); a summary on stderr at the end."""
     from erc_distill.runtime import Bundle, StreamingRecognizer
+    from erc_distill.runtime.stream import serve_lines
 
-    recognizer = StreamingRecognizer(Bundle.load(args.bundle, threads=args.threads))
-    for number, line in enumerate(sys.stdin, start=1):
-        if not line.strip():
-            continue
-        try:
-            turn = json.loads(line)
-        except json.JSONDecodeError as err:
-            print(json.dumps({"error": f"line {number}: not JSON ({err.msg})"}), flush=True)
-            continue
-        missing = [k for k in ("speaker", "text") if not isinstance(turn, dict) or k not in turn]
-        if missing:
-            print(json.dumps({"error": f"line {number}: missing {missing[0]!r}"}), flush=True)
-            continue
-        p = recognizer.push(str(turn["speaker"]), str(turn["text"]), str(turn.get("conversation", "default")))
-        print(json.dumps({"conversation": p.conversation, "turn": p.turn, "speaker": p.speaker, "label": p.label,
-                          "probabilities": {k: round(v, 6) for k, v in p.probabilities.items()},
-                          "latency_ms": round(p.latency_ms, 3)}), flush=True)
+    recognizer = StreamingRecognizer(Bundle.load(args.bundle, threads=args.threads), max_text_chars=args.max_text_chars,
+                                     max_conversations=args.max_conversations, idle_ttl_s=args.idle_ttl)
+
+    def write(line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    summary = serve_lines(recognizer, getattr(sys.stdin, "buffer", sys.stdin), write)
+    print("stream: " + ", ".join(f"{k} {v}" for k, v in summary.items()), file=sys.stderr)
     return 0
 
 

@@ -8,6 +8,10 @@ Label orders (the class index of each label; fixed, documented, used by every mo
 - ``iemocap``: hap, sad, neu, ang, exc, fru (the order of DialogueRNN / COSMIC / SPCL);
   full names (``happy``, ``frustrated``, ...) are accepted as aliases.
 
+Each split is one CSV under ``<data dir>/<folder>/``; a spec lists the candidate names
+(IEMOCAP: ``train.csv`` or, as TelME and most repositories name it, ``IEMOCAP_train.csv``) and the
+first that exists is read.
+
 Turns are ordered by the corpus's turn id (``Utterance_ID``; IEMOCAP, which has none, by
 ``Start_Time``), never by file order.
 """
@@ -16,12 +20,12 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from erc_distill.data.csvio import CsvRecord, read_csv
-from erc_distill.data.paths import resolve_data_dir
+from erc_distill.data.paths import DATA_ENV, resolve_data_dir
 from erc_distill.data.types import SPLITS, CorpusSplit, Dialogue, MediaRef, SourceRef, Split, Turn
 from erc_distill.errors import DataError
 
@@ -33,7 +37,9 @@ class CorpusSpec:
     name: str
     folder: str
     """Sub-folder of the data directory that holds the split files."""
-    files: Mapping[Split, str]
+    file_names: tuple[str, ...]
+    """Candidate names of a split file, ``{split}`` filled in (``"{split}_sent_emo.csv"``). The
+    reader reads the first that exists; the first is also the name ``fetch-data`` writes."""
     labels: tuple[str, ...]
     dialogue_columns: tuple[str, ...]
     dialogue_format: str
@@ -66,8 +72,26 @@ class CorpusSpec:
         cols += [c for c in (self.start_column, self.end_column, self.audio_column, self.video_column) if c]
         return tuple(dict.fromkeys(cols))
 
+    @property
+    def files(self) -> dict[Split, str]:
+        """The canonical (first-candidate) file name of each split."""
+        return {split: self.file_names[0].format(split=split) for split in SPLITS}
+
+    def candidates(self, split: Split) -> tuple[str, ...]:
+        """The file names a split may have, in the order they are tried."""
+        return tuple(dict.fromkeys(name.format(split=split) for name in self.file_names))
+
+    def find(self, data_dir: Path, split: Split) -> Path | None:
+        """The split's file in ``data_dir``: the first candidate name that exists, else None."""
+        for name in self.candidates(split):
+            path = Path(data_dir) / self.folder / name
+            if path.is_file():
+                return path
+        return None
+
     def path(self, data_dir: Path, split: Split) -> Path:
-        return data_dir / self.folder / self.files[split]
+        """The split's file: the first candidate that exists, else the canonical name (for messages)."""
+        return self.find(data_dir, split) or Path(data_dir) / self.folder / self.files[split]
 
     def label_index(self, label: str) -> int:
         return self.labels.index(label)
@@ -132,7 +156,7 @@ CORPORA: dict[str, CorpusSpec] = {
             name="meld",
             description="MELD (Poria et al., ACL 2019), multi-party dialogues from Friends",
             folder="meld",
-            files={"train": "train_sent_emo.csv", "dev": "dev_sent_emo.csv", "test": "test_sent_emo.csv"},
+            file_names=("{split}_sent_emo.csv",),
             labels=_MELD_LABELS,
             dialogue_columns=("Dialogue_ID",),
             dialogue_format="{Dialogue_ID}",
@@ -147,7 +171,7 @@ CORPORA: dict[str, CorpusSpec] = {
             name="meld-dyadic",
             description="MELD dyadic variant (two-speaker dialogues)",
             folder="meld_dyadic",
-            files={"train": "train_sent_emo_dya.csv", "dev": "dev_sent_emo_dya.csv", "test": "test_sent_emo_dya.csv"},
+            file_names=("{split}_sent_emo_dya.csv",),
             labels=_MELD_LABELS,
             dialogue_columns=("Dialogue_ID",),
             dialogue_format="{Dialogue_ID}",
@@ -163,11 +187,7 @@ CORPORA: dict[str, CorpusSpec] = {
             name="emorynlp",
             description="EmoryNLP (Zahiri & Choi, 2018), Friends scenes",
             folder="emorynlp",
-            files={
-                "train": "emorynlp_train_final.csv",
-                "dev": "emorynlp_dev_final.csv",
-                "test": "emorynlp_test_final.csv",
-            },
+            file_names=("emorynlp_{split}_final.csv",),
             labels=("neutral", "joyful", "scared", "mad", "peaceful", "powerful", "sad"),
             dialogue_columns=("Season", "Episode", "Scene_ID"),
             dialogue_format="s{Season:02d}e{Episode:02d}c{Scene_ID:02d}",
@@ -182,7 +202,8 @@ CORPORA: dict[str, CorpusSpec] = {
             name="iemocap",
             description="IEMOCAP, common text CSV layout (the corpus needs a signed release form)",
             folder="iemocap",
-            files={"train": "train.csv", "dev": "dev.csv", "test": "test.csv"},
+            # the project's own names, then TelME's and most repositories'
+            file_names=("{split}.csv", "IEMOCAP_{split}.csv"),
             labels=("hap", "sad", "neu", "ang", "exc", "fru"),
             label_aliases={
                 "happy": "hap", "happiness": "hap", "sadness": "sad", "neutral": "neu",
@@ -342,18 +363,45 @@ def _parse_label(spec: CorpusSpec, raw: str, fail: Callable[[str, str], DataErro
     return value
 
 
+def check_splits(splits: Iterable[str]) -> tuple[Split, ...]:
+    """``splits`` as a tuple, each one of :data:`SPLITS` (ValueError otherwise)."""
+    splits = tuple(splits)
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    return splits
+
+
+def missing_split_error(spec: CorpusSpec, root: Path, split: Split, reason: str | None = None) -> DataError:
+    """The DataError for a split file that is not in data dir ``root``: it names the file, the names
+    tried and how to get the corpus (``reason``: why an automatic fetch did not help, if one ran)."""
+    folder = Path(root) / spec.folder
+    tried = " or ".join(spec.candidates(split))
+    if spec.source_url:
+        how = (
+            f"get it with `erc-distill fetch-data {spec.name} --data-dir {root}`, or point --data-dir "
+            f"or ${DATA_ENV} at a folder that holds {spec.folder}/"
+        )
+    else:
+        names = " or ".join(
+            "(" + ", ".join(pattern.format(split=s) for s in SPLITS) + ")" for pattern in spec.file_names
+        )
+        how = (
+            f"place the {spec.name} CSVs {names} in {folder} (it cannot be downloaded: its license "
+            f"needs a signed form), or point --data-dir or ${DATA_ENV} at a folder that holds {spec.folder}/"
+        )
+    message = f"{spec.name} {split} split not found in data dir {root} (tried {tried} in {folder}); {how}"
+    if reason:
+        message += f"; {reason}"
+    return DataError(message, file=folder / spec.files[split])
+
+
 def load_corpus(name: str, split: Split, data_dir: str | Path | None = None) -> CorpusSplit:
     """Read ``split`` of corpus ``name`` from the data directory (see :func:`resolve_data_dir`)."""
     spec = get_corpus(name)
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    check_splits([split])
     root = resolve_data_dir(data_dir)
-    path = spec.path(root, split)
-    if not path.is_file():
-        how = (
-            f"`erc-distill fetch-data {spec.name} --data-dir {root}`"
-            if spec.source_url
-            else f"place the {spec.name} CSVs ({', '.join(spec.files.values())}) in {path.parent}"
-        )
-        raise DataError(f"{spec.name} {split} split not found in data dir {root}; get it with {how}", file=path)
+    path = spec.find(root, split)
+    if path is None:
+        raise missing_split_error(spec, root, split)
     return read_split(spec, path, split)

@@ -119,11 +119,27 @@ class LengthBucketSampler(Sampler[list[int]]):
         self.pool = pool_batches * batch_size
         self.drop_last = drop_last
         self.epoch = 0
+        self.consumed = 0
+        """Batches of the current epoch already trained on (set by the trainer; saved in checkpoints)."""
+        self._iter_epoch = 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def state_dict(self) -> dict[str, int]:
+        """Where training is in the epoch: a resumed run continues with the next unseen batch."""
+        return {"epoch": self._iter_epoch, "consumed": self.consumed, "batches": len(self)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        if consumed >= len(self):  # saved at the end of an epoch: the next one starts afresh
+            epoch, consumed = epoch + 1, 0
+        self.epoch, self._skip = epoch, consumed
+
     def __iter__(self) -> Iterator[list[int]]:
+        self._iter_epoch, skip, self._skip = self.epoch, self._skip, 0
+        self.consumed = skip
         rng = random.Random(self.seed * 100_003 + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
@@ -137,7 +153,7 @@ class LengthBucketSampler(Sampler[list[int]]):
         self.epoch += 1  # a fresh order next epoch even when nobody calls set_epoch
         if self.num_replicas > 1:  # DDP: rank r takes batches r, r + R, ...; every rank the same count
             batches = batches[self.rank :: self.num_replicas][: len(self)]
-        return iter(batches)
+        return iter(batches[skip:])
 
     def __len__(self) -> int:
         n = len(self.lengths)
@@ -149,6 +165,18 @@ def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Evaluation batches: by length (fast), every example exactly once."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position inside an epoch is saved in Lightning checkpoints (Lightning stores
+    the ``state_dict`` of any train loader that has one), so a killed run resumes at the next batch
+    instead of replaying its epoch from the start."""
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.load_state_dict(state)
 
 
 class ErcDataModule(L.LightningDataModule):
@@ -213,8 +241,8 @@ class ErcDataModule(L.LightningDataModule):
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = LengthBucketSampler([len(e.input_ids) for e in ex], self.batch_size, seed=self.seed,
                                       num_replicas=replicas, rank=rank)
-        return DataLoader(ExampleDataset(ex), batch_sampler=sampler, collate_fn=self._collator(True),
-                          num_workers=self.num_workers)
+        return ResumableLoader(ExampleDataset(ex), batch_sampler=sampler, collate_fn=self._collator(True),
+                               num_workers=self.num_workers)
 
     def eval_dataloader(self, name: Split) -> DataLoader:
         ex = self.examples_of(name)

@@ -54,6 +54,8 @@ class CacheKey:
     tokenizer: str
     hidden_layers: tuple[int, ...] = ()
     limit: int | None = None
+    data_fingerprint: str = ""
+    """SHA-256 of the corpus files read (:func:`erc_distill.data.corpus_fingerprint`)."""
 
 
 def _atomic_save(path: Path, write) -> None:
@@ -98,6 +100,11 @@ def build_cache(
             part = folder / "parts" / f"{split}.{i}.npz"
             if not part.is_file():
                 ids, logits, feats, hidden = predict(model, chunk, device, list(key.hidden_layers) or None)
+                if not (torch.isfinite(logits).all() and torch.isfinite(feats).all()):
+                    from erc_distill.errors import TrainingError
+
+                    raise TrainingError(f"the teacher gives non-finite outputs on {split} (chunk {i}): its weights "
+                                        f"are broken; retrain it (delete its folder in the cache)")
                 arrays = {"ids": np.array(ids), "logits": logits.numpy(), "features": feats.half().numpy()}
                 if hidden is not None:
                     arrays["hidden"] = hidden.half().numpy()

@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import lightning as L
 import torch
 from torchmetrics.classification import MulticlassF1Score
 
+from erc_distill.config import OptimConfig
 from erc_distill.data.datamodule import Batch
 from erc_distill.distill.objective import Objective
 from erc_distill.modeling import ModelOutput, PromptedClassifier
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with linear warm-up then linear decay, per-layer learning rates.
-
-    Layer-wise LR decay (LLRD): layer l of L (embeddings = 0) gets ``lr · layer_decay^(L − l)``;
-    the head and the loss projections get ``head_lr``.
-    """
-
-    lr: float = 3e-5
-    head_lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    layer_decay: float = 1.0
 
 
 class ErcModule(L.LightningModule):
@@ -47,6 +31,12 @@ class ErcModule(L.LightningModule):
         self.objective.set_progress(self.global_step / total)
         out = self(batch, output_hidden_states=self.objective.needs_hidden)
         loss = self.objective(out, batch)
+        if not torch.isfinite(loss.total):
+            from erc_distill.errors import TrainingError
+
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in loss.terms.items())
+            raise TrainingError(f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}): {terms}; "
+                                "lower the learning rate, check loss weights / temperatures, or use precision 32-true")
         self.log("train_loss", loss.total, prog_bar=True, batch_size=len(batch))
         for name, value in loss.terms.items():
             self.log(f"train_{name}", value, batch_size=len(batch))

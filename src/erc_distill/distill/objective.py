@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from erc_distill.config import TERM_FIELDS, LossConfig, parse_loss_spec  # noqa: F401 (re-exported)
 from erc_distill.data.datamodule import Batch
 from erc_distill.distill.losses import (
     DIST,
@@ -26,67 +27,6 @@ from erc_distill.distill.losses import (
     inverse_frequency_weights,
 )
 from erc_distill.modeling import ModelOutput
-
-
-def parse_loss_spec(spec: str) -> dict[str, float]:
-    """``'ce=1,dist=1,feature=0.5'`` -> ``{'ce': 1.0, 'dist': 1.0, 'feature': 0.5}`` (a bare name weighs 1)."""
-    weights: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, value = part.partition("=")
-        name = name.strip()
-        if name not in LOSSES:
-            raise ValueError(f"unknown loss {name!r} in {spec!r}; known: {', '.join(LOSSES)}")
-        try:
-            weights[name] = float(value) if value else 1.0
-        except ValueError:
-            raise ValueError(f"loss weight of {name!r} must be a number, got {value!r}") from None
-    if not weights:
-        raise ValueError("empty loss spec; e.g. --loss ce=1,dist=1")
-    return weights
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Which terms, their weights and their hyper-parameters."""
-
-    weights: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
-    tau: float = 4.0
-    """Temperature of ``kd`` and ``dist`` (TelME: 4 on MELD)."""
-    feature_tau: float = 1.0
-    focal_gamma: float = 0.0
-    class_weight_power: float = 0.0
-    """``ce`` class weights (N / (C n_c))^power; 0: unweighted, 1: balanced."""
-    label_smoothing: float = 0.0
-    contrastive_tau: float = 0.1
-    spcl_queue: int = 64
-    spcl_k: int = 8
-    spcl_curriculum: bool = False
-    hidden_layers: int = 2
-    """``hidden``: the last n student layers are matched to the n teacher layers in the cache."""
-
-    @property
-    def needs_teacher(self) -> bool:
-        return any(LOSSES[name].needs_teacher for name in self.weights)
-
-    def key(self) -> dict[str, object]:
-        """The weights and only the hyper-parameters of the terms in use (for stage keys: tuning a
-        term that is not used, or adding a new one, leaves a cached teacher valid)."""
-        used = {"weights": dict(sorted(self.weights.items()))}
-        for name in self.weights:
-            for f in _TERM_FIELDS.get(name, ()):
-                used[f] = getattr(self, f)
-        return used
-
-
-_TERM_FIELDS = {
-    "ce": ("focal_gamma", "class_weight_power", "label_smoothing"),
-    "kd": ("tau",),
-    "dist": ("tau",),
-    "feature": ("feature_tau",),
-    "hidden": ("hidden_layers",),
-    "supcon": ("contrastive_tau",),
-    "spcl": ("contrastive_tau", "spcl_queue", "spcl_k", "spcl_curriculum"),
-}
 
 
 @dataclass

@@ -2,43 +2,25 @@
 
 from __future__ import annotations
 
+import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from erc_distill.data.datamodule import ErcDataModule
-from erc_distill.distill.module import ErcModule, OptimConfig
+from erc_distill.config import TrainConfig
+from erc_distill.distill.module import ErcModule
+from erc_distill.errors import TrainingError
 from erc_distill.distill.objective import Objective
 from erc_distill.modeling import PromptedClassifier
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Loop settings. ``devices``/``strategy``/``precision``/``accelerator`` go to ``lightning.Trainer``
-    unchanged (e.g. ``--devices 4 --strategy ddp --precision bf16-mixed`` on a GPU node)."""
-
-    epochs: int = 3
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    accumulate: int = 1
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    freeze_layers: int = 0
-    """Freeze the embeddings and this many lowest encoder layers."""
-    patience: int = 2
-    seed: int = 0
-    max_steps: int = -1
-    val_check_interval: float = 1.0
-    checkpoint_every_n_steps: int = 100
-    accelerator: str = "cpu"
-    devices: int | str = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
 
 
 @dataclass(frozen=True)
@@ -49,6 +31,55 @@ class TrainResult:
     steps: int
     wall_s: float
     resumed_from: str | None
+
+
+class ExactResume(Callback):
+    """Makes a resumed fit continue exactly where the checkpoint was taken.
+
+    Lightning restores weights, optimizer, scheduler and loop counters; this adds the rest: the train
+    sampler's position in the epoch (kept up to date here, saved by :class:`ResumableLoader`) and the
+    torch / numpy / Python RNG states (dropout), so resumed weights equal an uninterrupted run's.
+    Lightning runs checkpoint callbacks last, so the position is current when ``last.ckpt`` is written.
+    """
+
+    def __init__(self) -> None:
+        self._rng: dict[str, Any] | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+        if sampler is not None and hasattr(sampler, "consumed"):
+            sampler.consumed = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()  # plain types: checkpoints load weights_only
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                           "has_gauss": int(has_gauss), "cached": float(cached)}}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._rng = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._rng:  # restored from a checkpoint: continue the random streams where they were
+            torch.set_rng_state(self._rng["torch"])
+            n = self._rng["numpy"]
+            np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+            random.setstate(self._rng["python"])
+            if "cuda" in self._rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._rng["cuda"])
+            self._rng = None
+
+
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """TrainingError naming the first parameter with a NaN or infinite value."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise TrainingError(f"{where}: parameter {name} holds non-finite values; lower the learning rate, "
+                                "check the loss weights and temperatures, or use precision 32-true")
 
 
 def train_model(
@@ -83,7 +114,7 @@ def train_model(
         max_steps=cfg.max_steps,
         accumulate_grad_batches=cfg.accumulate,
         val_check_interval=cfg.val_check_interval,
-        callbacks=[best, last, stop],
+        callbacks=[ExactResume(), best, last, stop],
         logger=CSVLogger(out_dir, name="log", version=""),
         accelerator=cfg.accelerator,
         devices=cfg.devices,
@@ -108,6 +139,7 @@ def train_model(
     if Path(best_path).is_file():
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
+    check_finite(module.model, f"training in {out_dir}")
     score = best.best_model_score
     return TrainResult(
         best_dev_weighted_f1=float(score) if score is not None else float("nan"),

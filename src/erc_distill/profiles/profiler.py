@@ -1,10 +1,16 @@
 """The latency profiler: the real per-turn path on real conversations, against a device profile.
 
-Each timed iteration is one :meth:`StreamingRecognizer.push` on the next turn of real test
-dialogues (MELD by default), in spoken order: rolling-context build + tokenization + ONNX Runtime
-inference + softmax, batch 1. The first ``warmup`` turns are run and discarded. Reported: p50 / p95
-/ p99 / mean latency, turns per second, peak resident memory of the process, model size on disk,
-parameters, mean input tokens, and the pass / fail verdict of the profile's budgets.
+The profile's ``batch`` sets how many conversations run at once. Batch 1: each timed iteration is one
+:meth:`StreamingRecognizer.push` on the next turn of real test dialogues (MELD by default), in spoken
+order: rolling-context build + tokenization + ONNX Runtime inference + softmax. Batch N: N
+conversations run side by side (a finished one is replaced by the next dialogue); each timed iteration
+builds the next turn of each (their rolling contexts) and classifies them in one padded call, so its
+latency is what every turn of the batch waits. The first ``warmup`` turns are run and discarded.
+
+Reported: p50 / p95 / p99 / mean latency per call, turns per second (throughput), p50 / p99 per
+input-length bucket of the profile's ``sequence_lengths``, peak resident memory of the process, model
+size on disk, parameters, mean input tokens, the variant's precision, the pass / fail verdict of the
+profile's budgets, and the machine (CPU model, cores, ISA: :func:`erc_distill.machine.machine_info`).
 
 Runs without torch (peak RSS is then the runtime's own); the pipeline calls it in a subprocess.
 """
@@ -15,6 +21,7 @@ import json
 import platform
 import resource
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -24,7 +31,9 @@ from typing import Any
 import numpy as np
 
 from erc_distill.data.types import Dialogue
-from erc_distill.profiles.spec import DeviceProfile
+from erc_distill.errors import ConfigError, DataError
+from erc_distill.machine import machine_info
+from erc_distill.profiles.spec import DeviceProfile, variant_precision
 from erc_distill.runtime import Bundle, StreamingRecognizer
 
 
@@ -35,6 +44,10 @@ class ProfileResult:
     profile: str
     backend: str
     threads: int
+    precision: str
+    """The variant's precision (from its name / graph file); the verdict compares it with the profile's."""
+    batch: int
+    """Turns per timed call; latencies below are per call."""
     turns: int
     warmup: int
     p50_ms: float
@@ -43,11 +56,14 @@ class ProfileResult:
     mean_ms: float
     turns_per_s: float
     mean_tokens: float
+    by_length: list[dict[str, Any]]
+    """Per bucket of the profile's sequence_lengths: tokens "lo-hi" (">L" past the longest), calls, p50, p99."""
     peak_rss_mb: float
     model_size_mb: float
     params: int | None
     verdict: dict[str, Any]
-    machine: str
+    machine: dict[str, Any]
+    """:func:`erc_distill.machine.machine_info`: platform, CPU model, cores, ISA."""
     date: str
 
     def to_json(self) -> str:
@@ -71,51 +87,141 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
 
 
+Step = list[tuple[str, str, str]]
+"""One timed call: (conversation, speaker, text) of up to ``batch`` turns, each of another conversation."""
+
+
+def batch_steps(dialogues: Sequence[Dialogue], batch: int) -> list[Step]:
+    """The turns of ``dialogues`` as ``batch`` conversations running side by side: step k holds the next
+    turn of each running conversation; a finished one is replaced by the next dialogue. Batch 1 is
+    every turn in spoken order. Only the last steps can be short (no dialogue left to start)."""
+    queue = deque(dialogues)
+    lanes: list[Any] = [None] * batch
+    steps: list[Step] = []
+    while True:
+        step: Step = []
+        for i in range(batch):
+            while True:
+                if lanes[i] is None:
+                    if not queue:
+                        break
+                    d = queue.popleft()
+                    lanes[i] = (str(d.dialogue_id), iter(d.turns))
+                turn = next(lanes[i][1], None)
+                if turn is None:
+                    lanes[i] = None
+                    continue
+                step.append((lanes[i][0], turn.speaker, turn.text))
+                break
+        if not step:
+            return steps
+        steps.append(step)
+
+
+def length_table(device: DeviceProfile, latencies: Sequence[float], widths: Sequence[int]) -> list[dict[str, Any]]:
+    """p50 / p99 of the calls per input-length bucket of ``device.sequence_lengths`` (a call's length:
+    its longest input, which the batch is padded to); calls longer than the longest bucket go to a last
+    ``">L"`` bucket, present only when there are such calls."""
+    lat, width = np.asarray(latencies, dtype=float), np.asarray(widths)
+    buckets = [(lo, hi, f"{lo}-{hi}") for lo, hi in device.length_buckets()]
+    longest = device.sequence_lengths[-1]
+    if (width > longest).any():
+        buckets.append((longest + 1, None, f">{longest}"))
+    rows = []
+    for lo, hi, label in buckets:
+        picked = lat[(width >= lo) & ((width <= hi) if hi is not None else True)]
+        rows.append({"tokens": label, "max_tokens": hi, "calls": int(picked.size),
+                     "p50_ms": round(float(np.percentile(picked, 50)), 3) if picked.size else None,
+                     "p99_ms": round(float(np.percentile(picked, 99)), 3) if picked.size else None})
+    return rows
+
+
 def profile_bundle(bundle_dir: str | Path, device: DeviceProfile, dialogues: Sequence[Dialogue],
                    model_file: str | None = None, warmup: int = 20, max_turns: int | None = None,
                    variant: str | None = None) -> ProfileResult:
-    """Time the per-turn path of a bundle's graph (``model_file``; default the float one)."""
+    """Time the per-turn path of a bundle's graph (``model_file``; default the float one) on ``device``:
+    its threads, batch, length buckets, budgets and precision. ``warmup`` and ``max_turns`` count turns."""
     if device.backend != "onnxruntime-cpu":
-        raise ValueError(f"profile {device.name!r} needs backend {device.backend}, which this profiler runs only "
-                           "where it is installed; use a CPU profile here (e.g. cpu-2core)")
+        raise ConfigError(f"profile {device.name!r} needs backend {device.backend}, which this profiler runs only "
+                          "where it is installed; use a CPU profile here (e.g. cpu-2core)",
+                          field="backend", source=device.source or device.name)
     bundle = Bundle.load(bundle_dir, threads=device.threads, model_file=model_file)
-    turns = [(f"{d.dialogue_id}", t.speaker, t.text) for d in dialogues for t in d.turns]
-    if len(turns) < 2:
-        raise ValueError(f"{len(turns)} turn(s) are too few to profile")
-    warmup = min(warmup, len(turns) // 2)  # small data sets: at least half the turns are timed
-    recognizer = StreamingRecognizer(bundle)
-    for conversation, speaker, text in turns[:warmup]:
-        recognizer.push(speaker, text, "warmup/" + conversation)
-    timed = turns[warmup:] if max_turns is None else turns[warmup : warmup + max_turns]
-    latencies, tokens = [], []
-    start = time.perf_counter()
-    for conversation, speaker, text in timed:
-        p = recognizer.push(speaker, text, conversation)
-        latencies.append(p.latency_ms)
-        tokens.append(p.tokens)
-    wall = time.perf_counter() - start
+    steps = batch_steps(dialogues, device.batch)
+    total = sum(len(s) for s in steps)
+    if total < 2:
+        raise DataError(f"{total} turn(s) are too few to profile")
+    warmup = min(warmup, total // 2)  # small data sets: at least half the turns are timed
+    warmup_steps = -(-warmup // device.batch)
+    timed = steps[warmup_steps:]
+    if max_turns is not None:
+        kept, left = [], max_turns
+        for step in timed:
+            if left <= 0:
+                break
+            kept.append(step[:left])
+            left -= len(kept[-1])
+        timed = kept
+    if not timed:
+        raise DataError(f"no turns left to time after {warmup} warm-up turn(s) (max_turns {max_turns})")
+    latencies, widths, tokens = [], [], []
+    if device.batch == 1:  # the real per-turn API, as the robot calls it
+        recognizer = StreamingRecognizer(bundle)
+        for step in steps[:warmup_steps]:
+            for conversation, speaker, text in step:
+                recognizer.push(speaker, text, "warmup/" + conversation)
+        start = time.perf_counter()
+        for [(conversation, speaker, text)] in timed:
+            p = recognizer.push(speaker, text, conversation)
+            latencies.append(p.latency_ms)
+            widths.append(p.tokens)
+            tokens.append(p.tokens)
+        wall = time.perf_counter() - start
+    else:  # the same work for N conversations at once: N rolling contexts, one padded call
+        builder = bundle.builder()
+        contexts: dict[str, Any] = {}
+
+        def call(step: Step, prefix: str = "") -> list[int]:
+            inputs = [contexts.setdefault(prefix + c, builder.stream()).push(speaker, text) for c, speaker, text in step]
+            bundle.probabilities(inputs)
+            return [len(x) for x in inputs]
+
+        for step in steps[:warmup_steps]:
+            call(step, "warmup/")
+        start = time.perf_counter()
+        for step in timed:
+            t0 = time.perf_counter()
+            lengths = call(step)
+            latencies.append(1000 * (time.perf_counter() - t0))
+            widths.append(max(lengths))
+            tokens.extend(lengths)
+        wall = time.perf_counter() - start
     lat = np.array(latencies)
     p99 = float(np.percentile(lat, 99))
     rss = peak_rss_mb()
     path = bundle.folder / (model_file or bundle.meta["model"])
+    name = variant or Path(model_file or "model.onnx").stem
+    precision = variant_precision(variant, model_file or bundle.meta["model"])
     return ProfileResult(
-        variant=variant or Path(model_file or "model.onnx").stem,
+        variant=name,
         model_file=str(path),
         profile=device.name,
         backend=device.backend,
         threads=device.threads,
-        turns=len(timed),
+        precision=precision,
+        batch=device.batch,
+        turns=len(tokens),
         warmup=warmup,
         p50_ms=round(float(np.percentile(lat, 50)), 3),
         p95_ms=round(float(np.percentile(lat, 95)), 3),
         p99_ms=round(p99, 3),
         mean_ms=round(float(lat.mean()), 3),
-        turns_per_s=round(len(timed) / wall, 1),
+        turns_per_s=round(len(tokens) / wall, 1),
         mean_tokens=round(float(np.mean(tokens)), 1),
+        by_length=length_table(device, latencies, widths),
         peak_rss_mb=round(rss, 1),
         model_size_mb=round(path.stat().st_size / 2**20, 2),
         params=bundle.meta.get("params"),
-        verdict=device.verdict(p99, rss),
-        machine=f"{platform.platform()} ({platform.processor() or platform.machine()})",
+        verdict=device.verdict(p99, rss, precision),
+        machine=machine_info(),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

@@ -4,6 +4,11 @@ Every number comes from the run's ``metrics.json`` (test metrics per variant) an
 ``profile_<variant>.json`` files (latency on the device profile); nothing is recomputed here.
 A variant is on the Pareto front when no other variant has both a higher test weighted F1 and a
 lower p99 latency.
+
+Under the table: the machine each variant was timed on (CPU model, cores, ISA: speed-ups differ by ISA,
+so a number must carry its machine; older profile JSONs without one read "not recorded"), p99 per
+input-length bucket (the profile's ``sequence_lengths``), and the variant to deploy on the profile: the
+most accurate one of the profile's precision within its budgets.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from erc_distill.atomic import write_text
 
 # metrics.json model name -> profile variant name
 _PROFILE_NAME = {"teacher": "teacher-fp32", "student": "student-fp32"}
@@ -73,6 +80,52 @@ def _rows(variants: list[Variant], front: set[str]) -> list[list[str]]:
             "yes" if v.name in front else "",
         ])
     return rows
+
+
+def machine_lines(variants: list[Variant]) -> list[str]:
+    """Which machine timed which variants: one line per distinct machine."""
+    from erc_distill.machine import machine_summary
+
+    groups: dict[str, list[str]] = {}
+    for v in variants:
+        if v.profile:
+            groups.setdefault(machine_summary(v.profile.get("machine")), []).append(v.name)
+    if len(groups) == 1:
+        return [f"machine (all variants): {next(iter(groups))}"]
+    return [f"machine for {', '.join(names)}: {m}" for m, names in groups.items()]
+
+
+def length_rows(variants: list[Variant]) -> list[list[str]]:
+    """p99 ms per input-length bucket (rows: variants; empty when no profile has buckets)."""
+    timed = [v for v in variants if v.profile and v.profile.get("by_length")]
+    if not timed:
+        return []
+    labels = list(dict.fromkeys(b["tokens"] for v in timed for b in v.profile["by_length"]))
+    rows = [["variant", *[f"p99 ms, {label} tokens" for label in labels]]]
+    for v in timed:
+        cells = {b["tokens"]: b for b in v.profile["by_length"]}
+        rows.append([v.name, *[f"{cells[l]['p99_ms']:.2f} ({cells[l]['calls']})"
+                               if l in cells and cells[l]["p99_ms"] is not None else "–" for l in labels]])
+    return rows
+
+
+def deploy_line(variants: list[Variant]) -> str | None:
+    """The variant to deploy: the most accurate of the profile's precision that passes its budgets."""
+    from erc_distill.profiles.spec import variant_precision
+
+    timed = [v for v in variants if v.profile and "profile_precision" in v.profile.get("verdict", {})]
+    if not timed:
+        return None  # profile JSONs from before profiles carried their precision
+    p = timed[0].profile
+    want = p["verdict"]["profile_precision"]
+    fits = [v for v in timed if v.profile["verdict"]["pass"]
+            and v.profile.get("precision", variant_precision(v.name)) == want]
+    where = f"{p['profile']} ({want}, batch {p.get('batch', 1)})"
+    if not fits:
+        return f"deploy on {where}: no {want} variant meets the budgets"
+    best = max(fits, key=lambda v: v.weighted_f1)
+    return (f"deploy on {where}: {best.name}, the most accurate {want} variant within the budgets "
+            f"(test wF1 {best.weighted_f1:.2f}, p99 {best.p99:.2f} ms)")
 
 
 def _count(n: int | None) -> str:
@@ -148,6 +201,16 @@ def _plots(variants: list[Variant], front: set[str], out: Path) -> list[str]:
     return files
 
 
+def _md_table(rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0]), *["| " + " | ".join(r) + " |" for r in rows[1:]]]
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    return "<table>" + "".join(
+        "<tr>" + "".join(f"<{'th' if k == 0 else 'td'}>{html.escape(c)}</{'th' if k == 0 else 'td'}>" for c in r) + "</tr>"
+        for k, r in enumerate(rows)) + "</table>"
+
+
 def write_report(run_dir: str | Path) -> dict[str, str]:
     """Write report.md, report.html and the PNGs into ``run_dir``; returns their paths."""
     run_dir = Path(run_dir)
@@ -161,26 +224,30 @@ def write_report(run_dir: str | Path) -> dict[str, str]:
     profile = next((v.profile for v in variants if v.profile), None)
     title = f"erc-distill report: {run_dir.name}"
     facts = [f"data: {manifest.get('config', {}).get('data', '?')} (test split)",
-             f"device profile: {profile['profile']} ({profile['backend']}, {profile['threads']} threads), "
-             f"machine {profile['machine']}" if profile else "device profile: not profiled",
+             f"device profile: {profile['profile']} ({profile['backend']}, {profile['threads']} threads, "
+             f"batch {profile.get('batch', 1)})" if profile else "device profile: not profiled",
              f"objective: {manifest.get('stages', {}).get('distill', {}).get('objective', '?')}"]
-    md = [f"# {title}", "", *[f"- {f}" for f in facts], "",
-          "| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
-    md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    under = machine_lines(variants)
+    deploy = deploy_line(variants)
+    under += [deploy] if deploy else []
+    by_length = length_rows(variants)
+    md = [f"# {title}", "", *[f"- {f}" for f in facts], "", *_md_table(rows), "", *[f"- {u}" for u in under]]
+    if by_length:
+        md += ["", "p99 latency per input-length bucket (calls in the bucket):", "", *_md_table(by_length)]
     md += ["", *[f"![{i}]({i})" for i in images], "",
            "Numbers from metrics.json and profile_*.json of this run; budget = the profile's p99 and memory budgets."]
     if any(v.profile is None for v in variants):
         md.append("A variant marked 'not profiled' was scored but not timed: e.g. an INT8 method that the quantize "
                   "stage rejected (its checks are in manifest.json and bundle/model-int8-<method>.json).")
-    (run_dir / "report.md").write_text("\n".join(md) + "\n")
-    table = "<table>" + "".join(
-        "<tr>" + "".join(f"<{'th' if k == 0 else 'td'}>{html.escape(c)}</{'th' if k == 0 else 'td'}>" for c in r) + "</tr>"
-        for k, r in enumerate(rows)) + "</table>"
+    write_text(run_dir / "report.md", "\n".join(md) + "\n")
+    table = _html_table(rows) + f"<ul>{''.join(f'<li>{html.escape(u)}</li>' for u in under)}</ul>"
+    if by_length:
+        table += "<p>p99 latency per input-length bucket (calls in the bucket):</p>" + _html_table(by_length)
     page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}</style>"
             f"<h1>{html.escape(title)}</h1><ul>{''.join(f'<li>{html.escape(f)}</li>' for f in facts)}</ul>{table}"
             + "".join(f"<p><img src='{i}' alt='{i}'></p>" for i in images))
-    (run_dir / "report.html").write_text(page)
+    write_text(run_dir / "report.html", page)
     return {"report_md": str(run_dir / "report.md"), "report_html": str(run_dir / "report.html"),
             **{Path(i).stem: str(run_dir / i) for i in images}}

@@ -1,0 +1,154 @@
+"""The stage interface and the context stages share.
+
+A stage is a small class: its ``name``, the stages it ``needs``, a ``key`` (a hash of exactly what
+it reads: config parts, data fingerprint, upstream keys) and ``run``, which returns a
+:class:`StageResult` (artifacts by name, and info for the manifest). The runner
+(:mod:`erc_distill.stages.runner`) skips a stage whose key is unchanged and whose artifacts are
+intact, and records hashes of what it makes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from erc_distill.atomic import write_json
+from erc_distill.config import RunConfig
+from erc_distill.stages.manifest import Manifest
+
+if TYPE_CHECKING:
+    import torch
+
+    from erc_distill.data.datamodule import ErcDataModule
+
+CACHE_ENV = "ERC_DISTILL_CACHE"
+
+#: Settings that cannot change a result, left out of every key.
+NOT_IN_KEY = {"accelerator", "devices", "strategy", "checkpoint_every_n_steps", "eval_batch_size", "data_dir"}
+
+
+def stage_key(*parts: Any) -> str:
+    """Stable 16-hex hash of config parts (dataclasses as dicts, settings in NOT_IN_KEY left out)."""
+
+    def clean(x: Any) -> Any:
+        if is_dataclass(x) and not isinstance(x, type):
+            x = asdict(x)
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in sorted(x.items()) if k not in NOT_IN_KEY}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    blob = json.dumps([clean(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageResult:
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    """Files or folders the stage made (hashed, and checked before a later skip)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Anything else for the manifest record (metrics summaries, parity numbers, ...)."""
+    unhashed: tuple[str, ...] = ()
+    """Artifacts checked for presence only (large folders another stage owns)."""
+
+
+@dataclass
+class RunContext:
+    """What every stage reads: the config, the run and cache folders, the manifest, and shared helpers."""
+
+    cfg: RunConfig
+    out: Path
+    cache_dir: Path
+    manifest: Manifest
+    data_fingerprint: str
+    log: Callable[[str], None] = print
+    progress: bool = True
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        from erc_distill.data.corpora import get_corpus
+
+        return get_corpus(self.cfg.data).labels
+
+    @property
+    def infer_device(self) -> str:
+        """Where cache / evaluate forward passes run: the training accelerator's GPU, if any."""
+        import torch
+
+        wants_gpu = self.cfg.student_train.accelerator in ("gpu", "cuda", "auto")
+        return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+    def datamodule(self, tokenizer: Any, context: Any, train: Any, teacher: Any = None) -> "ErcDataModule":
+        from erc_distill.data.context import ContextBuilder
+        from erc_distill.data.datamodule import ErcDataModule
+
+        return ErcDataModule(self.cfg.data, ContextBuilder(tokenizer, context), self.cfg.data_dir,
+                             batch_size=train.batch_size, eval_batch_size=train.eval_batch_size,
+                             seed=train.seed, limit=self.cfg.limit, teacher=teacher)
+
+    def class_counts(self, dm: "ErcDataModule") -> "torch.Tensor":
+        import torch
+
+        counts = Counter(e.label for e in dm.examples_of("train") if e.label >= 0)
+        return torch.tensor([counts.get(i, 0) for i in range(len(self.labels))])
+
+    def student_objective(self, model: Any, tokenizer: Any) -> tuple["ErcDataModule", Any]:
+        """The student's data (joined to the teacher cache when the loss needs it) and its objective."""
+        from erc_distill.distill.cache import TeacherCache
+        from erc_distill.distill.objective import build_objective
+
+        c = self.cfg
+        teacher = TeacherCache(self.manifest.artifact("cache", "cache")) if c.uses_teacher else None
+        dm = self.datamodule(tokenizer, c.student_context, c.student_train, teacher)
+        teacher_dim = teacher.arrays["train"]["features"].shape[1] if teacher else None
+        objective = build_objective(c.loss, len(self.labels), model.hidden_size, teacher_dim,
+                                    self.class_counts(dm), model.num_layers)
+        return dm, objective
+
+    def scores(self, pred: Any, gold: Any) -> dict[str, Any]:
+        """metrics.json's per-split entry from predicted and gold class indices (unlabelled turns left out)."""
+        from erc_distill.report.metrics import compute_metrics
+
+        keep = gold >= 0
+        return compute_metrics(pred[keep], gold[keep], self.labels).to_dict()
+
+    def merge_metrics(self, extra: dict[str, Any], replace_all: bool = False) -> Path:
+        path = self.out / "metrics.json"
+        metrics = {} if replace_all or not path.is_file() else json.loads(path.read_text())
+        metrics.update(extra)
+        return write_json(path, metrics)
+
+
+class Stage(ABC):
+    """One step of the pipeline. Subclasses set ``name`` and ``needs`` and implement ``key`` and ``run``."""
+
+    name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def applies(self, ctx: RunContext) -> bool:
+        """Whether this run has the stage at all (the teacher stages only when the loss needs a teacher)."""
+        return True
+
+    @abstractmethod
+    def key(self, ctx: RunContext) -> str: ...
+
+    @abstractmethod
+    def run(self, ctx: RunContext) -> StageResult: ...
+
+
+def params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def default_cache_dir(cache_dir: str | Path | None) -> Path:
+    from erc_distill.data.paths import user_cache_dir
+
+    return Path(cache_dir or os.environ.get(CACHE_ENV) or user_cache_dir())

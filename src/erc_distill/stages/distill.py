@@ -1,0 +1,42 @@
+"""``distill``: train the student on the objective, joined to the teacher cache by example id."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+
+from erc_distill.atomic import atomic_dir
+from erc_distill.stages.base import RunContext, Stage, StageResult, params, stage_key
+
+
+class DistillStage(Stage):
+    name = "distill"
+    needs = ("cache",)
+
+    def key(self, ctx: RunContext) -> str:
+        c = ctx.cfg
+        cache_key = ctx.manifest.record("cache")["key"] if c.uses_teacher else None
+        return stage_key(c.student, c.data, ctx.data_fingerprint, c.student_context, c.student_train, c.loss.key(),
+                         c.limit, cache_key)
+
+    def run(self, ctx: RunContext) -> StageResult:
+        import torch
+
+        from erc_distill.distill.train import train_model
+        from erc_distill.modeling import load_encoder, prepare_for_context
+
+        c, key = ctx.cfg, self.key(ctx)
+        torch.manual_seed(c.student_train.seed)
+        model, tok = load_encoder(c.student, ctx.labels)
+        prepare_for_context(model, tok, c.student_context)
+        dm, objective = ctx.student_objective(model, tok)
+        ctx.log(f"student {c.student}: {params(model) / 1e6:.1f}M params; {objective}")
+        train_dir = ctx.out / "student" / f"train-{key}"
+        for stale in (ctx.out / "student").glob("train-*"):
+            if stale != train_dir:  # checkpoints of another config must not be resumed
+                shutil.rmtree(stale)
+        trained = train_model(model, objective, dm, c.student_train, train_dir, ctx.progress)
+        with atomic_dir(ctx.out / "student" / "model") as tmp:
+            model.save(tmp, tok)
+        return StageResult({"model": ctx.out / "student" / "model"},
+                           {"train": asdict(trained), "params": params(model), "objective": str(objective)})

@@ -1,0 +1,72 @@
+"""``evaluate``: score the teacher and the student on dev and test; ``metrics.json`` and prediction CSVs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from erc_distill.atomic import atomic_path
+from erc_distill.stages.base import RunContext, Stage, StageResult, params, stage_key
+
+
+def evaluate_split(model: Any, dm: Any, split: str, csv_path: Path, device: str = "cpu") -> dict[str, Any]:
+    """Predict ``split``, write ``example_id,dialogue_id,turn,speaker,gold,pred,p_<label>...`` and score it."""
+    import torch
+
+    from erc_distill.distill.module import predict
+    from erc_distill.report.metrics import compute_metrics
+
+    ids, logits, _, _ = predict(model, dm.eval_dataloader(split), device)
+    probs = logits.softmax(-1)
+    by_id = {e.example_id: e for e in dm.examples_of(split)}
+    labels = model.labels
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["example_id", "dialogue_id", "turn", "speaker", "gold", "pred", *(f"p_{l}" for l in labels)])
+        for eid, p in zip(ids, probs.tolist()):
+            e = by_id[eid]
+            pred = max(range(len(p)), key=p.__getitem__)
+            w.writerow([eid, e.dialogue_id, e.turn_id, e.speaker, labels[e.label] if e.label >= 0 else "",
+                        labels[pred], *(f"{x:.6f}" for x in p)])
+    gold = torch.tensor([by_id[i].label for i in ids])
+    keep = gold >= 0
+    return compute_metrics(probs.argmax(-1)[keep], gold[keep], labels).to_dict()
+
+
+class EvaluateStage(Stage):
+    name = "evaluate"
+    needs = ("distill",)
+
+    def _models(self, ctx: RunContext) -> dict[str, str]:
+        models = {"student": "distill"}
+        if ctx.cfg.teacher is not None and "teacher" in ctx.manifest.stages:
+            models = {"teacher": "teacher", **models}
+        return models
+
+    def key(self, ctx: RunContext) -> str:
+        return stage_key([ctx.manifest.record(s)["key"] for s in self._models(ctx).values()], ctx.data_fingerprint)
+
+    def run(self, ctx: RunContext) -> StageResult:
+        from transformers import AutoTokenizer
+
+        from erc_distill.modeling import PromptedClassifier
+
+        metrics: dict[str, Any] = {}
+        artifacts: dict[str, Path] = {}
+        for name, stage in self._models(ctx).items():
+            folder = ctx.manifest.artifact(stage, "model")
+            model = PromptedClassifier.load(folder)
+            tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
+            teacher = name == "teacher"
+            dm = ctx.datamodule(tok, ctx.cfg.teacher_context if teacher else ctx.cfg.student_context,
+                                ctx.cfg.teacher_train if teacher else ctx.cfg.student_train)
+            metrics[name] = {"params": params(model)}
+            for split in ("dev", "test"):
+                path = ctx.out / f"predictions_{name}_{split}.csv"
+                m = metrics[name][split] = evaluate_split(model, dm, split, path, ctx.infer_device)
+                artifacts[f"predictions_{name}_{split}"] = path
+                ctx.log(f"{name:>8} {split:<5} weighted F1 {100 * m['weighted_f1']:.2f}  "
+                        f"macro F1 {100 * m['macro_f1']:.2f}  accuracy {100 * m['accuracy']:.2f}")
+        ctx.merge_metrics(metrics, replace_all=True)  # INT8 rows of an older student must not survive
+        return StageResult(artifacts)
