@@ -181,8 +181,8 @@ class QuantizeConfig:
     """INT8 methods and the checks every INT8 graph must pass on dev."""
 
     methods: tuple[str, ...] = opt(QUANTIZE_METHODS, "INT8 methods", choices=QUANTIZE_METHODS)
-    budget: float | None = opt(None, "allowed dev weighted-F1 drop in points (default 1.0; quick runs: report only)",
-                               ge=0, le=100)
+    budget: float | None = opt(None, "allowed dev weighted-F1 drop in points (default 1.0; quick runs: report only; "
+                               "negative: INT8 must beat float by that much)", ge=-100, le=100)
     min_agreement: float | None = opt(None, "a QAT graph's agreement with its PyTorch model (default 0.99)", ge=0, le=1)
     calibration_turns: int = opt(256, "training turns used to calibrate static INT8", ge=1)
     qat_epochs: int = opt(1, "nncf-qat fine-tuning epochs", ge=1, le=100)

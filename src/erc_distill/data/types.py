@@ -82,12 +82,15 @@ class Dialogue:
         return tuple(dict.fromkeys(t.speaker for t in self.turns))
 
     def turn(self, turn_id: int) -> Turn:
-        """The turn whose corpus turn id is ``turn_id`` (KeyError naming the ids that exist)."""
+        """The turn whose corpus turn id is ``turn_id`` (a DataError naming the ids that exist)."""
         for t in self.turns:
             if t.turn_id == turn_id:
                 return t
         have = ", ".join(str(t.turn_id) for t in self.turns)
-        raise KeyError(f"dialogue {self.dialogue_id} has no turn {turn_id} (turn ids: {have})")
+        from erc_distill.errors import DataError
+
+        raise DataError(f"dialogue {self.dialogue_id} has no turn {turn_id} (turn ids: {have})",
+                        file=f"{self.corpus}/{self.split}")
 
 
 @dataclass(frozen=True)
@@ -109,4 +112,6 @@ class CorpusSplit:
         for d in self.dialogues:
             if d.dialogue_id == key:
                 return d
-        raise KeyError(f"{self.corpus}/{self.split} has no dialogue {key!r}")
+        from erc_distill.errors import DataError
+
+        raise DataError(f"no dialogue {key!r}", file=f"{self.corpus}/{self.split}", field="dialogue")
