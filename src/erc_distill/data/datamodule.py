@@ -235,6 +235,13 @@ class ErcDataModule(L.LightningDataModule):
         pad = self.builder.tokenizer.pad_token_id
         return Collator(pad if pad is not None else 0, self.teacher if with_teacher else None)
 
+    def train_batches_per_epoch(self, world_size: int = 1) -> int:
+        """Batches one rank sees per epoch (what :meth:`train_dataloader`'s sampler yields), computed
+        without building the loader."""
+        n = len(self.examples_of("train"))
+        total = -(-n // self.batch_size)
+        return total // world_size if world_size > 1 else total
+
     def train_dataloader(self) -> DataLoader:
         ex = self.examples_of("train")
         trainer = self.trainer  # set by Lightning during fit; None when used on its own

@@ -27,7 +27,7 @@ class ErcModule(L.LightningModule):
         return self.model(batch.input_ids, batch.attention_mask, batch.mask_index, output_hidden_states)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        total = self.total_steps() if self._trainer is not None else 1
         self.objective.set_progress(self.global_step / total)
         out = self(batch, output_hidden_states=self.objective.needs_hidden)
         loss = self.objective(out, batch)
@@ -51,6 +51,19 @@ class ErcModule(L.LightningModule):
         self.log("val_weighted_f1", self.val_f1.compute(), prog_bar=True)
         self.val_f1.reset()
 
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole fit: ceil(batches per epoch / accumulate) · epochs, capped by max_steps.
+
+        Computed from the datamodule instead of ``trainer.estimated_stepping_batches``, which builds the
+        train loader before a checkpoint's loader state is restored (and so breaks an exact resume).
+        """
+        trainer = self.trainer
+        batches = trainer.datamodule.train_batches_per_epoch(trainer.world_size)
+        steps = -(-batches // trainer.accumulate_grad_batches) * max(1, trainer.max_epochs or 1)
+        if trainer.max_steps and trainer.max_steps > 0:
+            steps = min(steps, trainer.max_steps)
+        return max(1, steps)
+
     def configure_optimizers(self):
         from transformers import get_linear_schedule_with_warmup
 
@@ -67,7 +80,7 @@ class ErcModule(L.LightningModule):
         for g in param_groups:
             g["weight_decay"] = cfg.weight_decay
         optimizer = torch.optim.AdamW(param_groups)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self.total_steps()
         scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -9,17 +9,18 @@ ONNX with its weights folded to INT8 initializers (:func:`~erc_distill.export.qu
 and ONNX Runtime runs the quantized MatMuls with INT8 kernels.
 
 NNCF compiles a small C++ extension the first time it runs (about a minute; cached under
-``~/.cache/torch_extensions``).
+``~/.cache/torch_extensions``); a build lock left by a killed run is cleared first
+(:mod:`erc_distill.export.extension_lock`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from erc_distill.atomic import atomic_path
 from erc_distill.data.datamodule import Batch, ErcDataModule
 from erc_distill.distill.objective import Objective
 from erc_distill.distill.train import TrainConfig, TrainResult, train_model
@@ -37,7 +38,9 @@ def quantize_aware_train(model: PromptedClassifier, objective: Objective, datamo
     Returns the training result and the exported PyTorch model's predicted classes [N] on
     ``reference_batches`` (None without them): the reference the INT8 graph must agree with.
     """
-    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # a slow first compile is not a failure
+    from erc_distill.export.extension_lock import guard_nncf_extension
+
+    guard_nncf_extension()  # a stale build lock from a killed run would hang the next one silently
     import nncf
 
     model.eval()
@@ -48,8 +51,9 @@ def quantize_aware_train(model: PromptedClassifier, objective: Objective, datamo
     example = calibration[0]
     stripped = nncf.strip(quantized, strip_format=nncf.StripFormat.NATIVE,
                           example_input=(example.input_ids, example.attention_mask, example.mask_index))
-    export_onnx(stripped, onnx_path, pad_id=pad_id)
-    fold_weight_quantizers(onnx_path)  # INT8 weights on disk (the export keeps them float behind QuantizeLinear)
+    with atomic_path(onnx_path) as tmp:
+        export_onnx(stripped, tmp, pad_id=pad_id)
+        fold_weight_quantizers(tmp)  # INT8 weights on disk (the export keeps them float behind QuantizeLinear)
     reference = None
     if reference_batches:
         from erc_distill.distill.module import predict

@@ -50,9 +50,18 @@ class _Calibration:
 
 def quantize(method: str, float_path: str | Path, out_path: str | Path,
              calibration: Sequence[Batch] = ()) -> Path:
-    """Write the INT8 graph of ``float_path`` made with ``method`` to ``out_path``."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the INT8 graph of ``float_path`` made with ``method`` to ``out_path`` (atomically)."""
+    from erc_distill.atomic import atomic_path
+
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; choose one of: {', '.join(METHODS)}")
+    final = Path(out_path)
+    with atomic_path(final) as out_path:
+        _quantize(method, float_path, out_path, calibration)
+    return final
+
+
+def _quantize(method: str, float_path: str | Path, out_path: Path, calibration: Sequence[Batch]) -> None:
     if method == "ort-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -81,9 +90,6 @@ def quantize(method: str, float_path: str | Path, out_path: str | Path,
         quantized = nncf.quantize(onnx.load(str(float_path)), nncf.Dataset(feeds), subset_size=len(feeds),
                                   model_type=nncf.ModelType.TRANSFORMER)
         onnx.save(quantized, str(out_path))
-    else:
-        raise ValueError(f"unknown quantization method {method!r}; choose one of: {', '.join(METHODS)}")
-    return out_path
 
 
 def fold_weight_quantizers(path: str | Path) -> int:
@@ -130,7 +136,10 @@ def fold_weight_quantizers(path: str | Path) -> int:
         folded += 1
     del graph.node[:]
     graph.node.extend(keep)
-    onnx.save(model, str(path))
+    from erc_distill.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
     return folded
 
 
