@@ -85,3 +85,18 @@ def make_dialogue(lines: list[tuple[str, str]], dialogue_id: str = "d") -> Dialo
         for i, (speaker, text) in enumerate(lines)
     )
     return Dialogue("meld", "test", dialogue_id, turns)
+
+
+MELD_LABELS = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
+
+
+def make_tiny_bundle(folder: Path, preset: str = "spcl", max_len: int = 64):
+    """A tiny random model exported as an inference bundle: (folder, model, tokenizer)."""
+    from erc_distill.data import context_preset
+    from erc_distill.export.bundle import write_bundle
+    from erc_distill.modeling import load_encoder, prepare_for_context
+
+    model, tok = load_encoder("tiny", MELD_LABELS)
+    context = context_preset(preset, max_len=max_len)
+    prepare_for_context(model, tok, context)
+    return write_bundle(model.eval(), tok, context, folder), model, tok

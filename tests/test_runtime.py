@@ -11,21 +11,19 @@ import numpy as np
 import pytest
 
 from erc_distill.cli import main
-from erc_distill.data import ContextBuilder, context_preset, load_corpus
-from erc_distill.export.bundle import write_bundle
-from erc_distill.modeling import load_encoder, prepare_for_context
+from erc_distill.data import ContextBuilder, load_corpus
 from erc_distill.runtime import Bundle, StreamingRecognizer
+
+from conftest import make_tiny_bundle
 
 LABELS = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
 
 
 @pytest.fixture(params=["spcl", "telme"])
 def bundle_dir(request, tmp_path):
-    model, tok = load_encoder("tiny", LABELS)
-    context = context_preset(request.param, max_len=64)
-    prepare_for_context(model, tok, context)
+    folder, model, tok = make_tiny_bundle(tmp_path / "bundle", request.param)
     assert ("<s1>" in tok.get_vocab()) == (request.param == "telme")
-    return write_bundle(model.eval(), tok, context, tmp_path / "bundle"), model, tok
+    return folder, model, tok
 
 
 def test_bundle_builds_the_same_ids_as_the_training_tokenizer(bundle_dir, fixture_data):

@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from erc_distill.data import context_preset
 from erc_distill.errors import BundleError, DataError
-from erc_distill.export.bundle import write_bundle
-from erc_distill.modeling import load_encoder, prepare_for_context
 from erc_distill.runtime import Bundle, StreamingRecognizer
 from erc_distill.runtime.bundle import record_bundle_file
 from erc_distill.runtime.stream import serve_lines
+
+from conftest import make_tiny_bundle
 
 LABELS = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
 GOOD = {"conversation": "c", "speaker": "Ross", "text": "Hi there!"}
@@ -26,10 +25,7 @@ GOOD = {"conversation": "c", "speaker": "Ross", "text": "Hi there!"}
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
     """One tiny exported bundle for the module (spcl prompt, max_len 64); tests copy it before breaking it."""
-    model, tok = load_encoder("tiny", LABELS)
-    context = context_preset("spcl", max_len=64)
-    prepare_for_context(model, tok, context)
-    return write_bundle(model.eval(), tok, context, tmp_path_factory.mktemp("exported") / "bundle")
+    return make_tiny_bundle(tmp_path_factory.mktemp("exported") / "bundle")[0]
 
 
 @pytest.fixture
