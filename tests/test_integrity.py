@@ -187,3 +187,21 @@ def test_a_stale_nncf_build_lock_is_cleared_and_a_fresh_one_waited_on(tmp_path):
     assert clear_stale_build_locks(tmp_path, stale_after_s=0.5, log=messages.append, poll_s=0.05) == [fresh]
     assert time.monotonic() - start >= 0.4  # it waited on a lock a build might still hold, and said so
     assert messages[0].startswith(f"waiting on build lock {fresh}")
+
+
+def test_settings_only_a_loaded_model_can_check_fail_before_training(fixture_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["teacher", *argv(fixture_data, run, tmp_path / "c"), "--freeze-teacher-layers", "99"]) == 1
+    err = capsys.readouterr().err
+    assert "--freeze-teacher-layers: 99 layers to freeze, but tiny has 2" in err and "Traceback" not in err
+    assert not list(run.glob("**/last.ckpt"))
+    (tmp_path / "file").write_text("x")
+    assert main(["--out", str(tmp_path / "file")]) == 1
+    assert "is a file, not a run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("turns", ["0", "-5", "abc"])
+def test_profile_turns_are_checked(turns, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["profile", "--bundle", str(tmp_path), "--turns", turns])
+    assert exit_.value.code == 2 and "--turns" in capsys.readouterr().err

@@ -176,6 +176,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = run_config(args)
     out = _out_dir(args, cfg)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a run folder", field="--out")
     command = args.command if args.command not in (None, "run") else "report"
     stages = STAGES[: STAGES.index(command) + 1]
     if args.start_at:  # earlier stages are taken from the manifest as they are (e.g. trained on another machine)

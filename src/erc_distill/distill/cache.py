@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from erc_distill.atomic import atomic_path
 from erc_distill.data.datamodule import ErcDataModule
 from erc_distill.distill.module import predict
 from erc_distill.modeling import PromptedClassifier
@@ -59,9 +59,8 @@ class CacheKey:
 
 
 def _atomic_save(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -100,7 +100,8 @@ def record_bundle_file(folder: str | Path, filename: str) -> dict[str, Any]:
     return entry
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type (for error messages)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -135,7 +136,7 @@ def _read_meta(folder: Path, meta_file: Path) -> dict[str, Any]:
     except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
         raise BundleError(f"{meta_file}: not valid JSON ({err}); {REEXPORT}") from err
     if not isinstance(meta, dict):
-        raise BundleError(f"{meta_file}: not a JSON object (got {_json_type(meta)}); {REEXPORT}")
+        raise BundleError(f"{meta_file}: not a JSON object (got {json_type(meta)}); {REEXPORT}")
     return meta
 
 
@@ -155,17 +156,17 @@ def _validate_meta(meta_file: Path, meta: dict[str, Any]) -> None:
         raise BundleError(f"{meta_file}: labels must be a non-empty list of distinct non-empty strings, got {labels!r}")
     special = meta["special_ids"]
     if not isinstance(special, dict):
-        raise BundleError(f"{meta_file}: special_ids must be an object, got {_json_type(special)}")
+        raise BundleError(f"{meta_file}: special_ids must be an object, got {json_type(special)}")
     for name in SPECIAL_IDS:
         value = special.get(name)
         if isinstance(value, bool) or not isinstance(value, int):
             raise BundleError(f"{meta_file}: special_ids.{name} must be a token id (an integer), got {value!r}")
     if not isinstance(meta["context"], dict):
-        raise BundleError(f"{meta_file}: context must be an object, got {_json_type(meta['context'])}")
+        raise BundleError(f"{meta_file}: context must be an object, got {json_type(meta['context'])}")
     files = meta.get("files")
     if files is not None:
         if not isinstance(files, dict):
-            raise BundleError(f"{meta_file}: files must be an object, got {_json_type(files)}")
+            raise BundleError(f"{meta_file}: files must be an object, got {json_type(files)}")
         for name, entry in files.items():
             if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
                     or isinstance(entry.get("bytes"), bool) or not isinstance(entry.get("bytes"), int)):

@@ -26,7 +26,7 @@ import numpy as np
 
 from erc_distill.data.context import ModelInput, StreamingContext
 from erc_distill.errors import BundleError, DataError, UserError
-from erc_distill.runtime.bundle import Bundle
+from erc_distill.runtime.bundle import Bundle, json_type
 
 MAX_NAME_CHARS = 200
 """Default cap on a speaker name and a conversation id (characters)."""
@@ -44,24 +44,10 @@ class Prediction:
     """Length of the built input."""
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object" if isinstance(value, dict) else type(value).__name__
-
-
 def _check_text(value: Any, field: str, limit: int, setting: str) -> str:
     """A str of at most ``limit`` characters that is valid Unicode (encodable as UTF-8)."""
     if not isinstance(value, str):
-        raise DataError(f"must be a string, got {_json_type(value)}", field=field)
+        raise DataError(f"must be a string, got {json_type(value)}", field=field)
     if len(value) > limit:
         raise DataError(f"{len(value)} characters, over the limit of {limit} ({setting})", field=field)
     try:
@@ -125,7 +111,7 @@ class StreamingRecognizer:
         if isinstance(conversation, int) and not isinstance(conversation, bool):
             conversation = str(conversation)
         elif not isinstance(conversation, str):
-            raise DataError(f"must be a string or an integer, got {_json_type(conversation)}", field="conversation")
+            raise DataError(f"must be a string or an integer, got {json_type(conversation)}", field="conversation")
         return _check_text(conversation, "conversation", self.max_name_chars, "max_name_chars")
 
     def expire(self) -> int:
@@ -348,10 +334,10 @@ def _serve_one(recognizer: StreamingRecognizer, raw: str | bytes, number: int) -
     except ValueError as err:  # e.g. an integer of more than 4300 digits
         raise DataError(f"not JSON ({err})") from None
     if not isinstance(turn, dict):
-        raise DataError(f"not a JSON object (got {_json_type(turn)})")
+        raise DataError(f"not a JSON object (got {json_type(turn)})")
     end = turn.get("end", False)
     if not isinstance(end, bool):
-        raise DataError(f"must be true or false, got {_json_type(end)}", field="end")
+        raise DataError(f"must be true or false, got {json_type(end)}", field="end")
     conversation = turn.get("conversation", "default")
     if end and "text" not in turn and "speaker" not in turn:
         conversation = recognizer.check_conversation(conversation)
