@@ -205,3 +205,9 @@ def test_profile_turns_are_checked(turns, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["profile", "--bundle", str(tmp_path), "--turns", turns])
     assert exit_.value.code == 2 and "--turns" in capsys.readouterr().err
+
+
+def test_start_at_past_a_stage_that_never_ran_says_what_is_missing(fixture_data, tmp_path, capsys):
+    assert main(["report", *argv(fixture_data, tmp_path / "run", tmp_path / "c"), "--start-at", "export"]) == 1
+    err = capsys.readouterr().err
+    assert "stage export needs distill, which has not finished" in err and "Traceback" not in err

@@ -83,7 +83,7 @@ def open_run(cfg: RunConfig, out: str | Path, cache_dir: str | Path | None = Non
 def run_pipeline(ctx: RunContext, stages: Iterable[str] = STAGES, force: Iterable[str] = ()) -> None:
     """Run ``stages`` (names, in pipeline order) of the run; ``force``: rerun these even if up to date."""
     wanted = set(stages)
-    run_stages(ctx, [s for s in PIPELINE if s.name in wanted], force)
+    run_stages(ctx, [s for s in PIPELINE if s.name in wanted], force, known=PIPELINE)
 
 
 __all__ = ["PIPELINE", "RunContext", "Stage", "StageResult", "Manifest", "open_run", "run_pipeline", "stage_key",

@@ -33,9 +33,11 @@ class Manifest:
         return self.data["stages"]
 
     def record(self, stage: str) -> dict[str, Any]:
-        """The stage's record; a KeyError naming the stage when it has not run."""
+        """The stage's record; a ConfigError naming the stage when it has not run."""
+        from erc_distill.errors import ConfigError
+
         if stage not in self.stages:
-            raise KeyError(f"stage {stage!r} has not run in {self.path.parent} (run it, or drop --start-at)")
+            raise ConfigError(f"stage {stage!r} has not run in {self.path.parent} (run it, or drop --start-at)")
         return self.stages[stage]
 
     def artifact(self, stage: str, name: str) -> Path:

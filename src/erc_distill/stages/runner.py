@@ -15,15 +15,25 @@ import time
 from collections.abc import Iterable, Sequence
 
 from erc_distill.atomic import sha256_tree
+from erc_distill.errors import ConfigError
 from erc_distill.stages.base import RunContext, Stage
 
 
-def run_stages(ctx: RunContext, stages: Sequence[Stage], force: Iterable[str] = ()) -> None:
+def run_stages(ctx: RunContext, stages: Sequence[Stage], force: Iterable[str] = (),
+               known: Sequence[Stage] = ()) -> None:
+    """Run or skip ``stages`` in order; ``known``: every stage of the pipeline, to check ``needs`` against."""
     force = set(force)
+    by_name = {s.name: s for s in (*known, *stages)}
     ctx.manifest.save()
     for stage in stages:
         if not stage.applies(ctx):
             continue
+        for need in stage.needs:  # e.g. --start-at past a stage that never finished
+            upstream = by_name.get(need)
+            if upstream is not None and upstream.applies(ctx) and \
+                    ctx.manifest.stages.get(need, {}).get("status") != "done":
+                raise ConfigError(f"stage {stage.name} needs {need}, which has not finished in {ctx.out} "
+                                  "(run the earlier stages, or start at one that has its inputs)")
         key = stage.key(ctx)
         reason = "--force" if stage.name in force else ctx.manifest.verify(stage.name, key)
         if reason is None:
