@@ -11,7 +11,7 @@ from erc_distill.data import ContextBuilder, ContextConfig, Dialogue, context_pr
 from erc_distill.data.context import add_speaker_tokens
 from erc_distill.data.corpora import read_split
 
-from conftest import FIXTURES, make_dialogue
+from conftest import FIXTURES, TINY_TEXTS, make_dialogue
 
 
 @pytest.fixture
@@ -268,3 +268,18 @@ def test_real_meld_matches_the_reference_algorithm(real_data, minilm_tokenizer):
         for d in data.dialogues[:40]:
             for t, x in enumerate(b.build_dialogue(d)):
                 assert list(x.input_ids) == reference_ids(minilm_tokenizer, d, t, cfg)
+
+
+@pytest.mark.parametrize("preset", ["telme", "spcl"])
+def test_a_long_live_conversation_keeps_a_bounded_window(roberta_tokenizer, preset):
+    """Whole-history presets used to keep every turn (per-turn cost grew with the conversation);
+    turns that can never fit again are dropped, and the inputs still equal the offline ones."""
+    if preset == "telme":
+        add_speaker_tokens(roberta_tokenizer, 9)
+    b = ContextBuilder(roberta_tokenizer, context_preset(preset, max_len=48))
+    lines = [(f"Speaker{i % 3}", TINY_TEXTS[i % len(TINY_TEXTS)].split(". ")[0]) for i in range(400)]
+    d = make_dialogue(lines)
+    stream = b.stream()
+    online = [stream.push(s, t) for s, t in lines]
+    assert online == b.build_dialogue(d)
+    assert len(stream._window) <= 48  # bounded by max_len tokens (every turn is at least one token)

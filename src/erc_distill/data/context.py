@@ -303,8 +303,11 @@ class ContextBuilder:
 class StreamingContext:
     """Builds inputs turn by turn, as a live conversation unfolds (real-time mode).
 
-    Each turn is tokenized once, when pushed; only the last ``k + 1`` encoded turns are kept.
-    For the same turns, the ids equal :meth:`ContextBuilder.build_dialogue` exactly.
+    Each turn is tokenized once, when pushed; only the last ``k + 1`` encoded turns are kept, and
+    fewer when the newer ones already fill ``max_len``: a turn j can enter a later input only while
+    Σ_{i>j} len(turn i) < max_len, so older turns are dropped (this bounds memory and per-turn cost
+    for whole-history presets such as ``telme``). For the same turns, the ids equal
+    :meth:`ContextBuilder.build_dialogue` exactly.
     """
 
     def __init__(self, builder: ContextBuilder) -> None:
@@ -322,6 +325,12 @@ class StreamingContext:
         else:
             label = speaker
         self._window.append(b.encode_turns([label], [text])[0])
+        sep = 1 if b.config.sep_after_each_turn else 0
+        newer = sum(min(len(t.ids), len(t.spaced_ids)) + sep for t in list(self._window)[1:])
+        while len(self._window) > 1 and newer >= b.config.max_len:  # the oldest can never fit again
+            self._window.popleft()
+            head = self._window[0]
+            newer -= min(len(head.ids), len(head.spaced_ids)) + sep
         out = b.assemble(list(self._window), self.turns_seen)
         self.turns_seen += 1
         return out
