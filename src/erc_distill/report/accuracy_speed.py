@@ -134,6 +134,41 @@ def _count(n: int | None) -> str:
     return f"{n / 1e6:.1f}M" if n >= 10**6 else f"{n / 1e3:.0f}K"
 
 
+def _place_labels(ax, points: list[tuple[str, float, float]]) -> list[str]:
+    """Number each point (a short label placed where it overlaps no other label and no point: the
+    nearest free offset, else further out with a leader line) and return the key lines ``n  name``.
+    Names sit in the key beside the plot, so close points never print over each other."""
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    dots = [ax.transData.transform((x, y)) for _, x, y in points]
+    taken = []  # label boxes already placed, in pixels
+    steps = [(5, 4), (5, -11), (-5, 4), (-5, -11), (0, 9), (0, -16)]
+    candidates = steps + [(dx * k, dy * k) for k in (2, 3, 4) for dx, dy in steps]
+    key: list[tuple[int, str, float, float]] = []
+    for number, (name, x, y) in enumerate(points, start=1):
+        for dx, dy in candidates:
+            text = ax.annotate(str(number), (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                               fontweight="bold", ha="left" if dx >= 0 else "right",
+                               arrowprops=None if (abs(dx), abs(dy)) in {(abs(a), abs(b)) for a, b in steps}
+                               else {"arrowstyle": "-", "color": "0.5", "lw": 0.6})
+            box = text.get_window_extent(renderer)
+            clash = any(box.overlaps(b) for b in taken) or any(
+                box.x0 - 6 < px < box.x1 + 6 and box.y0 - 6 < py < box.y1 + 6 for px, py in dots)
+            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+            if not clash and inside:
+                break
+            text.remove()
+        else:  # nowhere free: beside its point anyway
+            text = ax.annotate(str(number), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8,
+                               fontweight="bold")
+            box = text.get_window_extent(renderer)
+        taken.append(box)
+        key.append((number, name, x, y))
+    width = max(len(name) for _, name, _, _ in key)
+    return [f"{'':>2} {'variant':<{width}} {'p99 ms':>7} {'wF1':>6}"] + [
+        f"{n:>2} {name:<{width}} {x:>7.1f} {y:>6.2f}" for n, name, x, y in key]
+
+
 def _plots(variants: list[Variant], front: set[str], out: Path) -> list[str]:
     import matplotlib
 
@@ -145,11 +180,9 @@ def _plots(variants: list[Variant], front: set[str], out: Path) -> list[str]:
     files = []
     timed = [v for v in variants if v.p99 is not None]
     if timed:
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for i, v in enumerate(sorted(timed, key=lambda v: v.p99)):
+        fig, ax = plt.subplots(figsize=(9.6, 4.2))
+        for v in timed:
             ax.scatter(v.p99, v.weighted_f1, s=60, zorder=3, color="tab:red" if v.name in front else "tab:blue")
-            ax.annotate(v.name, (v.p99, v.weighted_f1), textcoords="offset points",
-                        xytext=(5, 6 if i % 2 == 0 else -12), fontsize=8)  # alternate so close points stay legible
         edge = sorted((v for v in timed if v.name in front), key=lambda v: v.p99)
         ax.plot([v.p99 for v in edge], [v.weighted_f1 for v in edge], color="tab:red", lw=1, ls="--", label="Pareto front")
         profile = timed[0].profile
@@ -163,7 +196,9 @@ def _plots(variants: list[Variant], front: set[str], out: Path) -> list[str]:
         ax.set_ylabel("test weighted F1")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 0.6, 1))
+        key = _place_labels(ax, [(v.name, v.p99, v.weighted_f1) for v in sorted(timed, key=lambda v: v.p99)])
+        fig.text(0.61, 0.92, "\n".join(key), va="top", ha="left", fontsize=7.5, family="monospace")
         fig.savefig(out / "f1_vs_latency.png", dpi=120)
         plt.close(fig)
         files.append("f1_vs_latency.png")
