@@ -379,3 +379,19 @@ def test_the_summary_counts_evictions_and_expiries(bundle):
     now[0] = 1000.0
     out, summary = serve(recognizer, [line({**GOOD, "conversation": "d"})])
     assert summary["expired"] == 2 and summary["evicted"] == 0 and summary["open"] == 1
+
+
+def test_a_tokenizer_saved_with_padding_does_not_pad_turns(tmp_path):
+    """MiniLM's tokenizer.json ships with padding and truncation to 128 switched on; the builder pads
+    and cuts itself, so the bundle must not pad every segment."""
+    from tokenizers import Tokenizer
+
+    folder = make_tiny_bundle(tmp_path / "bundle")[0]
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert tok.padding is None and tok.truncation is None  # written without them
+    tok.enable_padding(length=128)
+    tok.enable_truncation(128)
+    tok.save(str(folder / "tokenizer.json"))
+    record_bundle_file(folder, "tokenizer.json")
+    bundle = Bundle.load(folder)
+    assert len(bundle.tokenizer(["hello there"])["input_ids"][0]) < 10

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,8 +34,11 @@ def write_bundle(model: PromptedClassifier, tokenizer: Any, context: ContextConf
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with atomic_path(folder / "model.onnx") as tmp:
         export_onnx(model, tmp, pad_id=pad)
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)  # saved without padding / truncation: the builder does both
+    backend.no_padding()
+    backend.no_truncation()
     with atomic_path(folder / "tokenizer.json") as tmp:
-        tokenizer.backend_tokenizer.save(str(tmp))
+        backend.save(str(tmp))
     special = {
         "cls": tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id,
         "sep": tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id,

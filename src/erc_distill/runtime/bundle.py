@@ -47,6 +47,10 @@ class BundleTokenizer:
         from tokenizers import Tokenizer
 
         self._tok = Tokenizer.from_file(str(path))
+        # the builder adds special tokens and cuts to max_len itself; a tokenizer.json saved with padding or
+        # truncation on (MiniLM's ships padded to 128) would pad every segment of every turn
+        self._tok.no_padding()
+        self._tok.no_truncation()
         self.cls_token_id = special["cls"]
         self.sep_token_id = special["sep"]
         self.mask_token_id = special["mask"]
