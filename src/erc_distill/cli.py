@@ -267,6 +267,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-ttl", type=float, default=3600.0, help="seconds before an idle conversation is forgotten")
     p.set_defaults(func=cmd_stream)
 
+    p = sub.add_parser("serve", help="HTTP + WebSocket inference server on an exported bundle (the serve extra)")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder (runs/NAME/bundle)")
+    p.add_argument("--config", type=Path, default=None, help="serve settings (YAML: host, port, max_batch, ...)")
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="TCP port (default 8000; 0: any free port)")
+    p.add_argument("--model-file", default=None, help="graph in the bundle, e.g. model-int8-ort-dynamic.onnx")
+    p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export-triton", help="a Triton Inference Server model repository from a bundle")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder (runs/NAME/bundle)")
+    p.add_argument("--out", type=Path, required=True, help="model repository folder (created or added to)")
+    p.add_argument("--model-file", default=None, help="graph in the bundle (e.g. model-int8-ort-dynamic.onnx)")
+    p.add_argument("--tokenize", choices=("client", "python"), default="client",
+                   help="client: the robot builds inputs; python: a Python-backend model keeps the context")
+    p.add_argument("--max-batch", type=_positive_int, default=32)
+    p.add_argument("--max-queue-delay-us", type=_positive_int, default=5000)
+    p.add_argument("--instances", type=_positive_int, default=1)
+    p.add_argument("--kind", choices=("KIND_CPU", "KIND_GPU"), default="KIND_CPU")
+    p.add_argument("--name", default=None, help="model name (default: the bundle folder's)")
+    p.add_argument("--overwrite", action="store_true", help="replace this bundle's models in the repository")
+    p.set_defaults(func=cmd_export_triton)
+
     p = sub.add_parser("fetch-data", help="download (or copy with --from) a corpus, verified by SHA-256")
     p.add_argument("corpus", choices=sorted(c for c in CORPORA if CORPORA[c].source_url))
     p.add_argument("--from", dest="source", type=Path, default=None, help="copy from this folder instead")
@@ -402,6 +425,51 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     summary = serve_lines(recognizer, getattr(sys.stdin, "buffer", sys.stdin), write)
     print("stream: " + ", ".join(f"{k} {v}" for k, v in summary.items()), file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a bundle over HTTP and WebSocket until interrupted; prints one line with the URL first."""
+    from erc_distill.serve.settings import load_serve_config
+
+    cfg = load_serve_config(args.config, host=args.host, port=args.port, model_file=args.model_file,
+                            threads=args.threads)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+
+        from erc_distill.serve.app import bind_socket, create_app, uvicorn_server
+    except ImportError as err:
+        raise UserError(f"the server needs the serve extra ({err}); install it with: "
+                        'pip install "erc-distill[serve]"') from None
+    app = create_app(args.bundle, cfg)
+    try:
+        sock = bind_socket(cfg.host, cfg.port)
+    except OSError as err:
+        raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} ({err.strerror or err})", field="--port") from None
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    server = app.state.server
+    print(f"erc-distill serve: http://{shown}:{port} (bundle {server.bundle.folder}, model {server.bundle.model_file}, "
+          f"max_batch {cfg.max_batch}, max_wait_ms {cfg.max_wait_ms:g})", flush=True)
+    try:
+        uvicorn_server(app, cfg).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down cleanly, then re-raises the signal
+        pass
+    print("erc-distill serve: stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from erc_distill.serve.triton import export_triton, summary
+
+    try:
+        result = export_triton(args.bundle, args.out, model_file=args.model_file, max_batch=args.max_batch,
+                               max_queue_delay_us=args.max_queue_delay_us, instances=args.instances, kind=args.kind,
+                               tokenize=args.tokenize, name=args.name, overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise ConfigError(f"{err} (--overwrite replaces it)", field="--out") from None
+    print(summary(result))
     return 0
 
 

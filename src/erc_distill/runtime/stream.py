@@ -128,6 +128,51 @@ class StreamingRecognizer:
         self.expired += n
         return n
 
+    def prepare(self, speaker: str, text: str, conversation: str = "default") -> "PendingTurn":
+        """Validate a turn and build its input from the conversation's rolling context.
+
+        The first half of :meth:`push`, for a caller that runs the model itself (the server batches
+        the inputs of several conversations into one call): pass the returned turn's ``input`` to the
+        bundle, then :meth:`complete` it with its probabilities, or :meth:`cancel` it. Until then the
+        conversation's context has moved on by this turn but is not yet committed; no other turn of
+        the same conversation may be prepared in between (the caller serializes each conversation).
+        Raises :class:`DataError` as :meth:`push` does, leaving the conversation unchanged.
+        """
+        start = time.perf_counter()
+        speaker, text, conversation = self.check_turn(speaker, text, conversation)
+        self.expire()
+        context = self.conversations.get(conversation)
+        if context is None:
+            context = self.builder.stream()
+        undo = _Undo(context, speaker)
+        try:
+            x = context.push(speaker, text)
+        except BaseException as err:
+            undo(context)
+            if isinstance(err, ValueError) and not isinstance(err, UserError):  # the builder's own checks
+                raise DataError(f"cannot build this turn's input: {err}") from err
+            raise
+        return PendingTurn(conversation, speaker, x, start, context, undo)
+
+    def complete(self, turn: "PendingTurn", probabilities: np.ndarray) -> Prediction:
+        """Commit a prepared turn with its probabilities (one row, in the bundle's label order).
+
+        Non-finite probabilities cancel the turn and raise :class:`BundleError`."""
+        p = np.asarray(probabilities)
+        if not np.isfinite(p).all():
+            self.cancel(turn)
+            raise BundleError(f"{self.bundle.folder / self.bundle.model_file}: the graph returned "
+                              f"non-finite logits for conversation {turn.conversation!r}, turn {turn.input.turn_index}")
+        self._touch(turn.conversation, turn.context)
+        latency = 1000 * (time.perf_counter() - turn.started)
+        labels, x = self.bundle.labels, turn.input
+        return Prediction(turn.conversation, x.turn_index, turn.speaker, labels[int(p.argmax())],
+                          {label: float(v) for label, v in zip(labels, p)}, latency, len(x))
+
+    def cancel(self, turn: "PendingTurn") -> None:
+        """Undo a prepared turn: its conversation's context is as it was before :meth:`prepare`."""
+        turn.undo(turn.context)
+
     def push(self, speaker: str, text: str, conversation: str = "default") -> Prediction:
         """Classify the next turn of ``conversation`` (a new id starts a new conversation).
 
@@ -136,30 +181,15 @@ class StreamingRecognizer:
         Empty text is a valid turn (a non-verbal or inaudible one): the model still sees the speaker
         and the context, exactly as the offline builder does.
         """
-        start = time.perf_counter()
-        speaker, text, conversation = self.check_turn(speaker, text, conversation)
-        self.expire()
-        context = self.conversations.get(conversation)
-        is_new = context is None
-        if context is None:
-            context = self.builder.stream()
-        undo = _Undo(context, speaker)
+        turn = self.prepare(speaker, text, conversation)
         try:
-            x = context.push(speaker, text)
-            p = self.bundle.probabilities([x])[0]
-            if not np.isfinite(p).all():
-                raise BundleError(f"{self.bundle.folder / self.bundle.model_file}: the graph returned "
-                                  f"non-finite logits for conversation {conversation!r}, turn {x.turn_index}")
+            p = self.bundle.probabilities([turn.input])[0]
         except BaseException as err:
-            undo(context)
-            if isinstance(err, ValueError) and not isinstance(err, UserError):  # the builder's own checks
+            self.cancel(turn)
+            if isinstance(err, ValueError) and not isinstance(err, UserError):
                 raise DataError(f"cannot build this turn's input: {err}") from err
             raise
-        self._touch(conversation, context, is_new)
-        latency = 1000 * (time.perf_counter() - start)
-        labels = self.bundle.labels
-        return Prediction(conversation, x.turn_index, speaker, labels[int(p.argmax())],
-                          {label: float(v) for label, v in zip(labels, p)}, latency, len(x))
+        return self.complete(turn, p)
 
     def end(self, conversation: str = "default") -> bool:
         """Forget a conversation's context; True if it was open."""
@@ -174,7 +204,8 @@ class StreamingRecognizer:
         return {"open": len(self.conversations), "evicted": self.evicted, "expired": self.expired,
                 "ended": self.ended}
 
-    def _touch(self, conversation: str, context: StreamingContext, is_new: bool) -> None:
+    def _touch(self, conversation: str, context: StreamingContext) -> None:
+        is_new = conversation not in self.conversations  # also one expired while its turn was in flight
         self.conversations[conversation] = context
         self.conversations.move_to_end(conversation)
         self._last_used[conversation] = self.clock()
@@ -188,22 +219,37 @@ class StreamingRecognizer:
         del self._last_used[conversation]
 
 
+@dataclass(frozen=True)
+class PendingTurn:
+    """A turn built by :meth:`StreamingRecognizer.prepare`, waiting for its probabilities."""
+
+    conversation: str
+    speaker: str
+    input: ModelInput
+    """The built model input (feed it to :meth:`Bundle.probabilities`)."""
+    started: float
+    """``time.perf_counter()`` when the turn was received (the prediction's latency starts here)."""
+    context: StreamingContext
+    undo: "_Undo"
+
+
 class _Undo:
-    """Restores a :class:`StreamingContext` to its state before one ``push`` (in O(1))."""
+    """Restores a :class:`StreamingContext` to its state before one ``push``.
+
+    ``push`` appends the turn and may drop any number of the oldest ones (the ``k + 1`` bound, and
+    turns that can never fit ``max_len`` again), so the window's turns are kept by reference: O(window).
+    """
 
     def __init__(self, context: StreamingContext, speaker: str) -> None:
-        window = context._window
-        self.size = len(window)
+        self.window = list(context._window)
         self.turns_seen = context.turns_seen
-        self.dropped = window[0] if window.maxlen is not None and 0 < window.maxlen == len(window) else None
         self.new_speaker = speaker if speaker not in context._speakers else None
 
     def __call__(self, context: StreamingContext) -> None:
         window = context._window
-        if len(window) != self.size or (self.dropped is not None and window[0] is not self.dropped):
-            window.pop()  # the turn was appended
-            if self.dropped is not None and (not window or window[0] is not self.dropped):
-                window.appendleft(self.dropped)
+        if len(window) != len(self.window) or any(a is not b for a, b in zip(window, self.window)):
+            window.clear()
+            window.extend(self.window)
         if self.new_speaker is not None:
             context._speakers.pop(self.new_speaker, None)
         context.turns_seen = self.turns_seen
