@@ -1,13 +1,17 @@
 """``erc-distill``: the command line.
 
 ``erc-distill --teacher T --student S --data D --out runs/NAME`` runs the whole pipeline
-(teacher -> cache -> distill -> evaluate -> export); ``erc-distill teacher|cache|...|export ...`` runs
+(teacher -> cache -> distill -> evaluate -> export -> quantize -> profile -> report); ``erc-distill STAGE ...`` runs
 up to that stage (the stages before it are skipped when up to date).
 
 Subcommands (each prints a readable summary; ``--json`` where a machine reads it):
 
 - ``data-stats``  per split: utterances, dialogues, speakers, label counts, input token lengths;
 - ``show-input``  the exact model input of one turn (decoded, and ids with ``--ids``);
+- ``profile``     time the per-turn path of a bundle on a device profile;
+- ``stream``      classify JSON-line turns from stdin with a bundle (the robot's own loop);
+- ``serve``       the HTTP + WebSocket inference server (the ``serve`` extra);
+- ``export-triton`` a Triton Inference Server model repository from a bundle;
 - ``fetch-data``  download or copy a corpus's public CSVs, verified by SHA-256.
 """
 

@@ -64,7 +64,7 @@ class MicroBatcher:
     Call :meth:`start` on the running loop before submitting, :meth:`stop` at shutdown.
     """
 
-    def __init__(self, run: Callable[[Sequence[Any]], np.ndarray], max_batch: int = 8, max_wait_ms: float = 5.0,
+    def __init__(self, run: Callable[[Sequence[Any]], np.ndarray], max_batch: int = 8, max_wait_ms: float = 0.0,
                  queue_size: int = 64, on_batch: Callable[[int, float], None] | None = None) -> None:
         if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
             raise ValueError(f"need max_batch >= 1, queue_size >= 1, max_wait_ms >= 0; got {max_batch}, "

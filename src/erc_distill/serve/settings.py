@@ -29,7 +29,8 @@ class ServeConfig:
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = opt(8000, "TCP port (0: any free port; the URL line says which)", ge=0, le=65535)
     max_batch: int = opt(8, "most turns run in one model call", ge=1, le=1024)
-    max_wait_ms: float = opt(5.0, "longest a turn waits for others to fill its batch", ge=0, le=1000)
+    max_wait_ms: float = opt(0.0, "longest a turn waits for others to fill its batch (0: none; a batch is what queued "
+                             "while the model ran)", ge=0, le=1000)
     queue_size: int = opt(64, "turns waiting for the model; a turn beyond gets 503 + Retry-After", ge=1, le=100_000)
     max_body_bytes: int = opt(65536, "largest request body or WebSocket frame (bytes); larger: 413 / close 1009",
                               ge=256, le=64 << 20)
