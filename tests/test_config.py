@@ -131,3 +131,8 @@ def test_help_lists_generated_flags_without_torch():
             "from erc_distill.cli import build_parser\n"
             "h = build_parser().format_help(); assert '--loss.label-smoothing' in h and '--tau' in h, h")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_speech_corpus_is_refused_by_the_text_pipeline():
+    with pytest.raises(ConfigError, match="ravdess is a speech corpus"):
+        cli(("data", "ravdess"))

@@ -210,7 +210,13 @@ class ProfileConfig:
 def _check_corpus(value: str) -> str | None:
     from erc_distill.data.corpora import CORPORA
 
-    return None if value in CORPORA else f"unknown corpus {value!r}; known: {', '.join(sorted(CORPORA))}"
+    if value not in CORPORA:
+        return f"unknown corpus {value!r}; known: {', '.join(sorted(CORPORA))}"
+    if getattr(CORPORA[value], "layout", "csv") == "clips":  # e.g. RAVDESS: its only text is two fixed sentences
+        return (f"{value} is a speech corpus (its text is two fixed sentences): the text pipeline needs a "
+                "dialogue corpus; the audio branch will take it (erc-distill data-stats --data "
+                f"{value} reads it today)")
+    return None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@ _HINTS = {
         "`pip install torch==2.9.1 torchvision==0.24.1`",
     ),
     "tensorrt": ("tensorrt", "TensorRT needs an NVIDIA GPU and its driver"),
+    "soundfile": ("audio", "soundfile reads wav / flac clips (it bundles libsndfile)"),
+    "soxr": ("audio", "soxr resamples audio to the models' rate"),
+    "av": ("audio", "PyAV (it bundles FFmpeg) reads the audio track of video clips (mp4, mkv)"),
 }
 
 

@@ -1,12 +1,20 @@
 """Corpus readers: one generic CSV reader, driven by a :class:`CorpusSpec` per corpus.
 
+A corpus whose records are media files rather than CSV rows (RAVDESS: a folder of clips named by
+their labels) has ``layout="clips"`` and its own ``reader``; everything around the reader
+(:func:`load_corpus`, the missing-corpus message, :func:`~erc_distill.data.fetch.ensure_corpus`,
+:func:`~erc_distill.data.fingerprint.corpus_fingerprint`) is shared.
+
 Label orders (the class index of each label; fixed, documented, used by every model and report):
 
 - ``meld`` / ``meld-dyadic``: neutral, joy, surprise, anger, sadness, disgust, fear
   (MELD's train frequency order);
 - ``emorynlp``: neutral, joyful, scared, mad, peaceful, powerful, sad (the authors' order);
 - ``iemocap``: hap, sad, neu, ang, exc, fru (the order of DialogueRNN / COSMIC / SPCL);
-  full names (``happy``, ``frustrated``, ...) are accepted as aliases.
+  full names (``happy``, ``frustrated``, ...) are accepted as aliases;
+- ``ravdess``: neutral, calm, happy, sad, angry, fearful, disgust, surprised (the file-name codes
+  01-08); ``ravdess-meld``: the same clips on MELD's labels and order, calm joining neutral (see
+  :mod:`erc_distill.data.ravdess` for the splits by actor and the one-clip dialogues).
 
 Each split is one CSV under ``<data dir>/<folder>/``; a spec lists the candidate names
 (IEMOCAP: ``train.csv`` or, as TelME and most repositories name it, ``IEMOCAP_train.csv``) and the
@@ -23,9 +31,11 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from erc_distill.data.csvio import CsvRecord, read_csv
 from erc_distill.data.paths import DATA_ENV, resolve_data_dir
+from erc_distill.data.ravdess import RAVDESS_LABELS, RAVDESS_TO_MELD, read_ravdess
 from erc_distill.data.types import SPLITS, CorpusSplit, Dialogue, MediaRef, SourceRef, Split, Turn
 from erc_distill.errors import DataError
 
@@ -64,9 +74,20 @@ class CorpusSpec:
     source_url: str | None = None
     """Where the authors publish the CSVs (``{file}`` is filled in); None: not downloadable."""
     description: str = ""
+    layout: Literal["csv", "clips"] = "csv"
+    """``csv``: one CSV file a split. ``clips``: a folder of media files, one a record, shared by
+    all splits (the reader picks a split's records); ``file_names`` are then candidate names of
+    that folder inside ``folder``, and ``reader`` is required."""
+    reader: Callable[[CorpusSpec, Path, Split], CorpusSplit] | None = None
+    """Reads one split from the path :meth:`find` found; None: the generic CSV reader."""
+    obtain: str | None = None
+    """How to get a corpus that cannot be downloaded, for the missing-corpus message (``{folder}``
+    is filled in with its folder); None: the generic text."""
 
     @property
     def required_columns(self) -> tuple[str, ...]:
+        if self.layout == "clips":
+            return ()  # no CSV: the records are files
         cols = [self.text_column, self.speaker_column, self.label_column, *self.dialogue_columns]
         cols += [self.turn_column, self.order_column]
         cols += [c for c in (self.start_column, self.end_column, self.audio_column, self.video_column) if c]
@@ -85,7 +106,7 @@ class CorpusSpec:
         """The split's file in ``data_dir``: the first candidate name that exists, else None."""
         for name in self.candidates(split):
             path = Path(data_dir) / self.folder / name
-            if path.is_file():
+            if path.is_dir() if self.layout == "clips" else path.is_file():
                 return path
         return None
 
@@ -148,6 +169,11 @@ def _meld_clip(dialogue: str, utterance: str) -> Callable[[Split, Mapping[str, s
 
 _GITHUB_MELD = "https://raw.githubusercontent.com/declare-lab/MELD/master/data/{file}"
 _MELD_LABELS = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
+_RAVDESS_OBTAIN = (
+    "RAVDESS (CC BY-NC-SA 4.0) is not downloaded by erc-distill: get Audio_Speech_Actors_01-24.zip from "
+    "the authors' Zenodo record 1188976 (doi:10.5281/zenodo.1188976) and unzip its Actor_01 ... Actor_24 "
+    "folders into {folder}/Audio_Speech_Actors_01-24/ (or a 16 kHz copy into {folder}/speech16k/)"
+)
 
 CORPORA: dict[str, CorpusSpec] = {
     spec.name: spec
@@ -221,12 +247,37 @@ CORPORA: dict[str, CorpusSpec] = {
             video_column="Video_Path",
             parse_speaker=parse_iemocap_speaker,
         ),
+        *(
+            CorpusSpec(
+                name=name,
+                description=description,
+                folder="ravdess",
+                # the project's 16 kHz FLAC copy, then the authors' Audio_Speech_Actors_01-24 (48 kHz WAV)
+                file_names=("speech16k", "Audio_Speech_Actors_01-24"),
+                labels=labels,
+                label_aliases=aliases,
+                dialogue_columns=(),
+                dialogue_format="",
+                turn_column="",
+                order_column="",
+                layout="clips",
+                reader=read_ravdess,
+                obtain=_RAVDESS_OBTAIN,
+            )
+            for name, description, labels, aliases in (
+                ("ravdess", "RAVDESS emotional speech (Livingstone & Russo 2018), one clip a turn, split by actor",
+                 RAVDESS_LABELS, {}),
+                ("ravdess-meld", "RAVDESS emotional speech on MELD's 7 labels (calm -> neutral), split by actor",
+                 _MELD_LABELS, RAVDESS_TO_MELD),
+            )
+        ),
     )
 }
 
 
 def get_corpus(name: str) -> CorpusSpec:
-    """The spec of a corpus by name (``meld``, ``meld-dyadic``, ``emorynlp``, ``iemocap``)."""
+    """The spec of a corpus by name (``meld``, ``meld-dyadic``, ``emorynlp``, ``iemocap``, ``ravdess``,
+    ``ravdess-meld``)."""
     key = name.lower().replace("_", "-")
     if key not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; choose one of: {', '.join(CORPORA)}")
@@ -248,12 +299,15 @@ class _Row:
 
 
 def read_split(spec: CorpusSpec, path: str | Path, split: Split) -> CorpusSplit:
-    """Read one split file of ``spec``'s layout into dialogues of ordered, typed turns.
+    """Read one split file of ``spec``'s layout into dialogues of ordered, typed turns (a spec with
+    its own ``reader`` reads ``path``, its clip folder, its own way).
 
     Raises :class:`DataError` naming the file, line and field for a missing file or column, an
     unknown label, a non-integer or duplicate (dialogue, turn) id, non-UTF-8 bytes or an empty file.
     """
     path = Path(path)
+    if spec.reader is not None:
+        return spec.reader(spec, path, split)
     _, records = read_csv(path, spec.required_columns)
     rows = [_parse_row(spec, split, path, rec) for rec in records]
 
@@ -377,7 +431,12 @@ def missing_split_error(spec: CorpusSpec, root: Path, split: Split, reason: str 
     tried and how to get the corpus (``reason``: why an automatic fetch did not help, if one ran)."""
     folder = Path(root) / spec.folder
     tried = " or ".join(spec.candidates(split))
-    if spec.source_url:
+    if spec.obtain:
+        how = (
+            f"{spec.obtain.format(folder=folder)}; or point --data-dir or ${DATA_ENV} at a folder that holds "
+            f"{spec.folder}/"
+        )
+    elif spec.source_url:
         how = (
             f"get it with `erc-distill fetch-data {spec.name} --data-dir {root}`, or point --data-dir "
             f"or ${DATA_ENV} at a folder that holds {spec.folder}/"

@@ -72,6 +72,9 @@ def fetch_corpus(
     A checksum mismatch or a failed download is a :class:`DataError` and leaves nothing behind.
     """
     spec = get_corpus(name)
+    if spec.layout != "csv":  # a folder of clips (RAVDESS): its license rules out fetching
+        how = spec.obtain.format(folder=Path(data_dir) / spec.folder) if spec.obtain else "place its files yourself"
+        raise DataError(f"{spec.name} cannot be fetched: {how}")
     if source_dir is None and spec.source_url is None and base_url is None:
         raise DataError(f"{spec.name} cannot be downloaded (its license needs a signed form); use --from DIR")
     splits = check_splits(splits)
@@ -146,7 +149,7 @@ def ensure_corpus(
     and ``log`` says what was done. Otherwise, or when the download fails (no network: it gives up
     after ``timeout`` seconds without an answer), a :class:`DataError` names the missing file, the
     ``erc-distill fetch-data`` command, ``--data-dir`` / ``$ERC_DISTILL_DATA`` and why the
-    automatic fetch failed. IEMOCAP (license) fails straight away.
+    automatic fetch failed. IEMOCAP and RAVDESS (licenses) fail straight away, saying where to get them.
     """
     spec = get_corpus(corpus)
     splits = check_splits(splits)
