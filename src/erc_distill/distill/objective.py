@@ -94,6 +94,11 @@ def build_objective(
         elif name == "hidden":
             if student_layers is None:
                 raise ValueError("the hidden loss needs the student's layer count")
+            if not 1 <= cfg.hidden_layers <= student_layers:
+                from erc_distill.errors import ConfigError
+
+                raise ConfigError(f"{cfg.hidden_layers} layers to match, but the student has {student_layers}",
+                                  field="--loss.hidden-layers")
             first = student_layers - cfg.hidden_layers + 1  # hidden_states[0] is the embeddings
             term = HiddenMSE(student_dim, teacher_dim, list(range(first, student_layers + 1)))
         elif name == "supcon":

@@ -74,6 +74,17 @@ class ExactResume(Callback):
             self._rng = None
 
 
+def _readable_checkpoint(path: Path) -> bool:
+    """Whether a torch checkpoint (a zip archive) is whole: its directory reads and every member's CRC matches."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
 def check_finite(model: torch.nn.Module, where: str) -> None:
     """TrainingError naming the first parameter with a NaN or infinite value."""
     for name, p in model.named_parameters():
@@ -128,6 +139,9 @@ def train_model(
         use_distributed_sampler=False,
     )
     resume = ckpt_dir / "last.ckpt"
+    if resume.is_file() and not _readable_checkpoint(resume):  # damaged (a disk full, a bad copy): start over
+        resume.replace(resume.with_name("last.ckpt.broken"))
+        warnings.warn(f"{resume} is damaged (moved to last.ckpt.broken); training starts from the beginning")
     resumed = str(resume) if resume.is_file() else None
     module.train()  # from_pretrained leaves modules in eval mode (dropout off)
     start = time.perf_counter()

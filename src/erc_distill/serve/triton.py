@@ -156,8 +156,12 @@ def preferred_batch_sizes(max_batch: int) -> list[int]:
 
 
 def default_name(bundle_dir: str | Path) -> str:
-    """The bundle folder's name as a Triton model name part (lower case, ``[a-z0-9_]``)."""
-    name = re.sub(r"[^a-z0-9_]+", "_", Path(bundle_dir).resolve().name.lower()).strip("_")
+    """The bundle's run name as a Triton model name part (lower case, ``[a-z0-9_]``): the folder's own
+    name, or its run folder's when it is the pipeline's ``runs/NAME/bundle``."""
+    folder = Path(bundle_dir).resolve()
+    if folder.name == "bundle" and folder.parent.name:
+        folder = folder.parent
+    name = re.sub(r"[^a-z0-9_]+", "_", folder.name.lower()).strip("_")
     return name or "model"
 
 

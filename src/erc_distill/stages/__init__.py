@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from erc_distill.config import STAGES, RunConfig, to_plain
+from erc_distill.errors import ConfigError
 from erc_distill.stages.base import RunContext, Stage, StageResult, default_cache_dir, stage_key
 from erc_distill.stages.cache import CacheStage
 from erc_distill.stages.distill import DistillStage
@@ -45,6 +46,18 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def check_machine(cfg: RunConfig) -> None:
+    """Settings this machine cannot run, said before anything starts (a GPU run without a GPU)."""
+    for name in ("teacher_train", "student_train"):
+        accelerator = getattr(cfg, name).accelerator
+        if accelerator in ("gpu", "cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"{accelerator} asked for, but torch sees no CUDA GPU on this machine "
+                                  f"(torch {torch.__version__}); use --accelerator cpu or auto", field="--accelerator")
+
+
 def resolve_precision(cfg: RunConfig, log: Callable[[str], None] = print) -> RunConfig:
     """``precision: auto`` -> what this machine runs natively (bf16-mixed or 32-true), said once."""
     from erc_distill.machine import resolve_precision as resolve
@@ -67,12 +80,24 @@ def open_run(cfg: RunConfig, out: str | Path, cache_dir: str | Path | None = Non
     from erc_distill.data.fetch import ensure_corpus
     from erc_distill.machine import machine_info
 
+    from erc_distill.modeling import TINY_PRESETS
+
+    check_machine(cfg)
     cfg = resolve_precision(cfg, log)
+    for role, name in (("--teacher", cfg.teacher if cfg.uses_teacher else None), ("--student", cfg.student)):
+        if name is not None and name not in TINY_PRESETS:  # found before hours of teacher training, not after
+            from erc_distill.pretrained import resolve_pretrained
+
+            resolve_pretrained(name)
     ensure_corpus(cfg.data, cfg.data_dir, fetch=fetch, log=log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = default_cache_dir(cache_dir)
+    if cache.exists() and not cache.is_dir():
+        raise ConfigError(f"{cache} is a file, not a cache folder", field="--cache-dir")
     manifest = Manifest(out / "manifest.json")
+    if manifest.note:
+        log(manifest.note)
     manifest.relocate({"run": out, "cache": cache})
     fingerprint = corpus_fingerprint(cfg.data, cfg.data_dir)
     manifest.data.update(config=to_plain(cfg), data={"corpus": cfg.data, "fingerprint": fingerprint},

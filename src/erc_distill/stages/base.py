@@ -120,11 +120,19 @@ class RunContext:
         keep = gold >= 0
         return compute_metrics(pred[keep], gold[keep], self.labels).to_dict()
 
-    def merge_metrics(self, extra: dict[str, Any], replace_all: bool = False) -> Path:
+    def read_metrics(self) -> dict[str, Any]:
         path = self.out / "metrics.json"
-        metrics = {} if replace_all or not path.is_file() else json.loads(path.read_text())
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return metrics if isinstance(metrics, dict) else {}
+
+    def merge_metrics(self, extra: dict[str, Any], drop: Callable[[str], bool] = lambda name: False) -> Path:
+        """Write ``extra``'s rows into ``metrics.json`` (the rows ``drop`` names are removed first)."""
+        metrics = {k: v for k, v in self.read_metrics().items() if not drop(k)}
         metrics.update(extra)
-        return write_json(path, metrics)
+        return write_json(self.out / "metrics.json", metrics)
 
 
 class Stage(ABC):
@@ -139,6 +147,11 @@ class Stage(ABC):
 
     @abstractmethod
     def key(self, ctx: RunContext) -> str: ...
+
+    def intact(self, ctx: RunContext) -> str | None:
+        """Beyond its artifacts' hashes: why a finished stage's outputs cannot be trusted (None: they can),
+        e.g. its rows missing from the shared ``metrics.json``."""
+        return None
 
     @abstractmethod
     def run(self, ctx: RunContext) -> StageResult: ...

@@ -4,7 +4,9 @@ content-addressed by the teacher's weights, the data, the context and the tokeni
 from __future__ import annotations
 
 import json
+import shutil
 
+from erc_distill.errors import ConfigError
 from erc_distill.stages.base import RunContext, Stage, StageResult, stage_key
 
 
@@ -20,9 +22,19 @@ class CacheStage(Stage):
 
         model_dir = ctx.manifest.artifact("teacher", "model")
         layers = ctx.cfg.hidden_layers
-        if not layers and "hidden" in ctx.cfg.loss.weights:  # default: the teacher's top n layers
+        if "hidden" in ctx.cfg.loss.weights or layers:
             depth = json.loads((model_dir / "encoder" / "config.json").read_text())["num_hidden_layers"]
-            layers = tuple(range(depth - ctx.cfg.loss.hidden_layers + 1, depth + 1))
+            n = ctx.cfg.loss.hidden_layers
+            if not layers:  # default: the teacher's top n layers
+                if not 1 <= n <= depth:
+                    raise ConfigError(f"{n} layers to match, but the teacher has {depth}", field="--loss.hidden-layers")
+                layers = tuple(range(depth - n + 1, depth + 1))
+            if any(not 0 <= i <= depth for i in layers):
+                raise ConfigError(f"teacher layers {list(layers)}: the teacher has 0..{depth} (0: embeddings)",
+                                  field="--hidden-layers")
+            if "hidden" in ctx.cfg.loss.weights and len(layers) != n:
+                raise ConfigError(f"{len(layers)} cached teacher layers for {n} student layers "
+                                  "(--loss.hidden-layers)", field="--hidden-layers")
         return CacheKey(weights_hash(model_dir), ctx.cfg.data, ("train", "dev"), ctx.cfg.teacher_context.fingerprint(),
                         str(ctx.cfg.teacher), layers, ctx.cfg.limit, ctx.data_fingerprint)
 
@@ -41,5 +53,12 @@ class CacheStage(Stage):
         model = PromptedClassifier.load(model_dir)
         tok = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
         dm = ctx.datamodule(tok, ctx.cfg.teacher_context, ctx.cfg.teacher_train)
-        cache = build_cache(model, dm, folder, key, device=ctx.infer_device, progress=ctx.progress)
+        try:
+            cache = build_cache(model, dm, folder, key, device=ctx.infer_device, progress=ctx.progress)
+            cache.check()
+        except (ValueError, OSError) as err:  # a damaged cache folder (truncated or overwritten arrays)
+            ctx.log(f"teacher cache {folder} is damaged ({err}); computing it again")
+            shutil.rmtree(folder, ignore_errors=True)
+            cache = build_cache(model, dm, folder, key, device=ctx.infer_device, progress=ctx.progress)
+            cache.check()
         return StageResult({"cache": folder}, {"rows": len(cache)})

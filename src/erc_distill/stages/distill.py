@@ -6,6 +6,7 @@ import shutil
 from dataclasses import asdict
 
 from erc_distill.atomic import atomic_dir
+from erc_distill.errors import ConfigError
 from erc_distill.stages.base import RunContext, Stage, StageResult, params, stage_key
 
 
@@ -28,6 +29,9 @@ class DistillStage(Stage):
         c, key = ctx.cfg, self.key(ctx)
         torch.manual_seed(c.student_train.seed)
         model, tok = load_encoder(c.student, ctx.labels)
+        if c.student_train.freeze_layers > model.num_layers:
+            raise ConfigError(f"{c.student_train.freeze_layers} layers to freeze, but {c.student} has "
+                              f"{model.num_layers}", field="--student-train.freeze-layers")
         prepare_for_context(model, tok, c.student_context)
         dm, objective = ctx.student_objective(model, tok)
         ctx.log(f"student {c.student}: {params(model) / 1e6:.1f}M params; {objective}")

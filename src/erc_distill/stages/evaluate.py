@@ -68,5 +68,9 @@ class EvaluateStage(Stage):
                 artifacts[f"predictions_{name}_{split}"] = path
                 ctx.log(f"{name:>8} {split:<5} weighted F1 {100 * m['weighted_f1']:.2f}  "
                         f"macro F1 {100 * m['macro_f1']:.2f}  accuracy {100 * m['accuracy']:.2f}")
-        ctx.merge_metrics(metrics, replace_all=True)  # INT8 rows of an older student must not survive
-        return StageResult(artifacts)
+        ctx.merge_metrics(metrics)  # INT8 rows stay: the quantize stage replaces them when the student changes
+        return StageResult({**artifacts, "metrics": ctx.out / "metrics.json"}, unhashed=("metrics",))
+
+    def intact(self, ctx: RunContext) -> str | None:
+        missing = [m for m in self._models(ctx) if m not in ctx.read_metrics()]
+        return f"metrics.json lacks {', '.join(missing)}" if missing else None

@@ -15,17 +15,30 @@ from typing import Any
 from erc_distill.atomic import sha256_tree, write_json
 
 
+def _check_shape(data: object) -> None:
+    """ValueError unless ``data`` has the manifest's shape (a hand edit may break it)."""
+    if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+        raise ValueError("not a mapping with a 'stages' mapping")
+    for name, record in data.get("stages", {}).items():
+        if not isinstance(record, dict) or not isinstance(record.get("artifacts", {}), dict) \
+                or not all(isinstance(p, str) for p in record.get("artifacts", {}).values()):
+            raise ValueError(f"stage {name!r} is not a record with an artifacts mapping")
+
+
 class Manifest:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.data: dict[str, Any] = {"stages": {}}
+        self.note = ""
         if self.path.is_file():
             try:
                 self.data = json.loads(self.path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):  # written atomically, so only a hand edit does this
+                _check_shape(self.data)
+            except (ValueError, UnicodeDecodeError) as err:  # written atomically: only a hand edit does this
                 broken = self.path.with_name("manifest.broken.json")
                 self.path.replace(broken)
-                self.data = {"stages": {}, "note": f"previous manifest was unreadable, kept as {broken.name}"}
+                self.note = f"{self.path} was unreadable ({err}); kept as {broken.name}, stages run again"
+                self.data = {"stages": {}, "note": self.note}
         self.data.setdefault("stages", {})
 
     @property

@@ -46,6 +46,11 @@ class QuantizeStage(Stage):
         return stage_key(ctx.manifest.record("export")["key"], sorted(q.methods), _limits(ctx), q.calibration_turns,
                          q.qat_epochs if "nncf-qat" in q.methods else None)
 
+    def intact(self, ctx: RunContext) -> str | None:
+        have = ctx.read_metrics()
+        missing = [m for m in ctx.cfg.quantize.methods if f"student-int8-{m}" not in have]
+        return f"metrics.json lacks {', '.join(missing)} (finished graphs are reused)" if missing else None
+
     def _method_key(self, ctx: RunContext, method: str) -> str:
         from erc_distill.export.quantize import RECIPE_VERSION
 
@@ -110,7 +115,7 @@ class QuantizeStage(Stage):
             record_bundle_file(bundle, path.name)
             write_json(sidecar, {"key": method_key, "sha256": sha256_file(path), "check": checks[method],
                                  "metrics": metrics[f"student-int8-{method}"]})
-        ctx.merge_metrics(metrics)
+        ctx.merge_metrics(metrics, drop=lambda name: name.startswith("student-int8-"))  # methods no longer asked for go
         failures = check_failures(results, budget, min_agreement)
         if failures:  # every method was measured first, so the error shows all of them
             raise ExportError("INT8 checks failed (--budget / --quantize-methods to change):\n  " + "\n  ".join(failures))

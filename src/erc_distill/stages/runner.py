@@ -35,7 +35,7 @@ def run_stages(ctx: RunContext, stages: Sequence[Stage], force: Iterable[str] = 
                 raise ConfigError(f"stage {stage.name} needs {need}, which has not finished in {ctx.out} "
                                   "(run the earlier stages, or start at one that has its inputs)")
         key = stage.key(ctx)
-        reason = "--force" if stage.name in force else ctx.manifest.verify(stage.name, key)
+        reason = "--force" if stage.name in force else ctx.manifest.verify(stage.name, key) or stage.intact(ctx)
         if reason is None:
             ctx.log(f"[{stage.name}] up to date (key {key}), skipped")
             continue

@@ -12,7 +12,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from erc_distill.atomic import atomic_dir
+from erc_distill.atomic import atomic_dir, sha256_tree
 from erc_distill.errors import ConfigError
 from erc_distill.stages.base import RunContext, Stage, StageResult, params, stage_key
 
@@ -42,15 +42,23 @@ class TeacherStage(Stage):
         folder = teacher_dir(ctx, self.key(ctx))
         model_dir, result_file = folder / "model", folder / "model" / "result.json"
         if model_dir.is_dir():
-            if result_file.is_file():
+            result = json.loads(result_file.read_text()) if result_file.is_file() else None
+            recorded = (result or {}).get("files_sha256")
+            if recorded and PromptedClassifier.has_weights(model_dir) and \
+                    sha256_tree(model_dir, exclude=frozenset({"result.json"})) != recorded:
+                ctx.log(f"{model_dir} changed since it was trained (a damaged copy?); training it again")
+                shutil.rmtree(model_dir)
+                result = None
+            if result is not None:
                 if not PromptedClassifier.has_weights(model_dir):
                     raise ConfigError(f"{model_dir} holds the teacher's configs but not its weights (they stayed on "
                                       f"the machine that trained it): copy its model/ folder here, delete {folder} "
                                       "to retrain, or use --start-at to continue a copied run")
                 ctx.log(f"teacher {ctx.cfg.teacher}: trained before, reused from {model_dir}")
-                return StageResult({"model": model_dir}, json.loads(result_file.read_text()))
-            ctx.log(f"{model_dir} is incomplete (no result.json: an earlier run was killed); training again")
-            shutil.rmtree(model_dir)
+                return StageResult({"model": model_dir}, result)
+            if model_dir.is_dir():
+                ctx.log(f"{model_dir} is incomplete (no result.json: an earlier run was killed); training again")
+                shutil.rmtree(model_dir)
         c = ctx.cfg
         torch.manual_seed(c.teacher_train.seed)  # the head's initialisation follows the seed too
         model, tok = load_encoder(c.teacher, ctx.labels)
@@ -66,5 +74,6 @@ class TeacherStage(Stage):
         info = {"train": asdict(trained), "params": params(model)}
         with atomic_dir(model_dir) as tmp:
             model.save(tmp, tok)
+            info["files_sha256"] = sha256_tree(tmp)  # checked when a later run reuses this teacher
             (tmp / "result.json").write_text(json.dumps(info, indent=2))
         return StageResult({"model": model_dir}, info)
