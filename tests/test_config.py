@@ -136,3 +136,13 @@ def test_help_lists_generated_flags_without_torch():
 def test_a_speech_corpus_is_refused_by_the_text_pipeline():
     with pytest.raises(ConfigError, match="ravdess is a speech corpus"):
         cli(("data", "ravdess"))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--student-context.turn-template", "{bogus}", "unknown field {bogus}"),
+    ("--student-context.turn-template", "{speaker", "write a literal brace"),
+    ("--teacher-context.prompt-template", "{speaker} feels {mask} {text}", "unknown field {text}"),
+])
+def test_context_templates_are_checked_at_start_up(flag, value, message):
+    with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        cli((flag[2:].replace("-", "_"), value))

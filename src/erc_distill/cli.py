@@ -425,7 +425,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
           f"mean {result.mean_ms:.2f}  ->  {result.turns_per_s:.0f} turns/s")
     print(f"  peak RSS {result.peak_rss_mb:.0f} MB, model {result.model_size_mb:.1f} MB, params {result.params}")
     print(f"  budget p99 {device.p99_budget_ms:g} ms (+{device.network_rtt_ms:g} ms network), memory "
-          f"{device.memory_budget_mb:g} MB: {'PASS' if v['pass'] else 'FAIL'}")
+          f"{device.memory_budget_mb:g} MB: {'PASS' if v['pass'] else 'FAIL'}"
+          + ("" if v.get("precision_ok") is not False else
+             f" (but this graph is {result.precision}; {device.name} deploys {device.precision})"))
+    if args.turns and result.turns < args.turns:
+        print(f"  note: {args.data}/{args.split} has only {result.turns} turns to time (asked for {args.turns})")
     return 0
 
 

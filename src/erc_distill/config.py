@@ -536,6 +536,12 @@ def check_config(cfg: RunConfig) -> RunConfig:
             ContextConfig(**dataclasses.asdict(getattr(cfg, name)))
         except ValueError as err:
             raise ConfigError(str(err), field="--" + name.replace("_", "-")) from None
+        context = getattr(cfg, name)
+        for template, allowed in (("turn_template", {"speaker", "text"}), ("prompt_template", {"speaker", "mask"}),
+                                  ("query_prefix", set())):
+            problem = _template_problem(getattr(context, template), allowed)
+            if problem:
+                raise ConfigError(problem, field=f"--{name.replace('_', '-')}.{template.replace('_', '-')}")
     for name in ("loss", "teacher_loss"):
         loss = getattr(cfg, name)
         if "spcl" in loss.weights and loss.spcl_k > loss.spcl_queue:
@@ -548,6 +554,23 @@ def check_config(cfg: RunConfig) -> RunConfig:
     if cfg.teacher is not None and cfg.teacher_loss.needs_teacher:
         raise ConfigError("the teacher trains on terms that need no teacher (e.g. ce=1)", field="--teacher-loss")
     return cfg
+
+
+def _template_problem(template: str | None, allowed: set[str]) -> str | None:
+    """Why a context template cannot be filled (unknown or malformed ``{fields}``), or None."""
+    import string
+
+    if template is None:
+        return None
+    try:
+        fields_used = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as err:
+        return f"{template!r}: {err} (write a literal brace as {{{{ or }}}})"
+    unknown = sorted(fields_used - allowed)
+    if unknown:
+        names = ", ".join("{" + f + "}" for f in sorted(allowed)) or "none"
+        return f"{template!r}: unknown field {{{unknown[0]}}}; this template may use {names}"
+    return None
 
 
 def _needs_teacher(name: str) -> bool:
