@@ -481,3 +481,12 @@ def test_the_web_stack_is_imported_only_by_serve(exported, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as on the robot install: no serve extra
     assert main(["serve", "--bundle", str(exported)]) == 1
     assert 'pip install "erc-distill[serve]"' in capsys.readouterr().err
+
+
+def test_end_on_a_turn_ends_its_conversation(http, base):
+    first = http.post("/v1/turns", json={"conversation": "ending", "speaker": "Ross", "text": "Hi!", "end": True})
+    assert first.status_code == 200 and first.json()["ended"] is True and first.json()["turn"] == 0
+    again = http.post("/v1/turns", json={"conversation": "ending", "speaker": "Ross", "text": "Hi again!"})
+    assert again.json()["turn"] == 0  # a new conversation under the same id
+    bad = http.post("/v1/turns", json={"conversation": "ending", "speaker": "Ross", "text": "x", "end": "yes"})
+    assert bad.status_code == 422 and bad.json()["field"] == "end"

@@ -9,6 +9,7 @@ Endpoints (every error body is ``{"error": MESSAGE, "field": NAME or null}``):
   Content-Length or by the bytes actually read), 422 (not an object, a missing or mistyped field, a
   text over ``max_text_chars``: ``field`` names it), 503 + ``Retry-After`` (queue full), 500 (the
   model failed).
+  ``"end": true`` on a turn ends its conversation after answering it (the answer carries ``"ended"``).
 - ``DELETE /v1/conversations/{id}`` -> ``{"conversation", "ended": BOOL}`` (whether it was open).
 - ``WebSocket /v1/stream?conversation=ID``: one conversation per socket; each text frame a JSON turn
   ``{"speaker", "text"}`` answered in order by one text frame (the prediction, or an error object
@@ -113,6 +114,14 @@ def turn_fields(value: Any) -> tuple[Any, Any, Any]:
         if key not in value:
             raise DataError(f"missing {key!r} (a turn is {{\"speaker\": ..., \"text\": ...}})", field=key)
     return value["speaker"], value["text"], value.get("conversation", "default")
+
+
+def wants_end(value: dict) -> bool:
+    """``"end": true`` on a turn ends its conversation after answering it (as ``erc-distill stream``)."""
+    end = value.get("end", False)
+    if not isinstance(end, bool):
+        raise DataError(f"must be true or false, got {json_type(end)}", field="end")
+    return end
 
 
 class _Metrics:
@@ -300,8 +309,13 @@ def create_app(bundle: str | Path | Bundle, cfg: ServeConfig | None = None) -> F
     @app.post(TURNS)
     async def post_turn(request: Request) -> Response:
         try:
-            speaker, text, conversation = turn_fields(parse_json(await server.read_body(request)))
-            return JSONResponse(await server.classify(speaker, text, conversation))
+            value = parse_json(await server.read_body(request))
+            speaker, text, conversation = turn_fields(value)
+            end = wants_end(value)
+            out = await server.classify(speaker, text, conversation)
+            if end:
+                out["ended"] = (await server.end(conversation))["ended"]
+            return JSONResponse(out)
         except Exception as err:
             return error_response(api_error(err))
 
@@ -364,7 +378,10 @@ async def _stream_turns(server: InferenceServer, ws: WebSocket, conversation: st
             speaker, turn_text, other = turn_fields(value)
             if "conversation" in value and server.recognizer.check_conversation(other) != conversation:
                 raise DataError(f"this socket streams conversation {conversation!r}", field="conversation")
+            end = wants_end(value)
             out, status = await server.classify(speaker, turn_text, conversation), 200
+            if end:
+                out["ended"] = (await server.end(conversation))["ended"]
         except Exception as err:
             error = api_error(err)
             out, status = {"error": error.message, "field": error.field, "status": error.status}, error.status
