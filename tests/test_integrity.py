@@ -270,3 +270,14 @@ def test_user_errors_found_at_start_up(fixture_data, tmp_path, capsys):
     with pytest.raises(SystemExit):  # an unknown option without a command is named, not "invalid choice"
         main(["--tua", "1"])
     assert "unrecognized arguments: --tua" in capsys.readouterr().err
+
+
+def test_the_same_run_folder_spelled_another_way_is_up_to_date(fixture_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["report", *argv(fixture_data, "runs/r", tmp_path / "c"), "--teacher", "none", "--loss", "ce=1"]
+    assert main(args) == 0
+    other = list(args)
+    other[other.index("runs/r")] = str(tmp_path / "runs" / ".." / "runs" / "r")
+    capsys.readouterr()
+    assert main(other) == 0
+    assert capsys.readouterr().out.count("up to date") == 6  # distill .. report: nothing re-profiled

@@ -12,6 +12,11 @@ from erc_distill.errors import ExportError
 from erc_distill.stages.base import RunContext, Stage, StageResult, stage_key
 
 
+def _relative(folder: Path, root: Path) -> str:
+    folder = folder.resolve()
+    return str(folder.relative_to(root)) if folder.is_relative_to(root) else str(folder)
+
+
 class ProfileStage(Stage):
     name = "profile"
     needs = ("export", "quantize")
@@ -35,8 +40,11 @@ class ProfileStage(Stage):
         p = ctx.cfg.profile
         device = load_profile(p.device)
         upstream = [ctx.manifest.record(s)["key"] for s in ("export", "quantize") if s in ctx.manifest.stages]
-        return stage_key(device, p.turns, p.warmup, {k: str(v) for k, v in self._variants(ctx).items()}, upstream,
-                         ctx.data_fingerprint)
+        # where each variant lives, relative to the run folder (the same folder spelled another way, or
+        # moved, is the same run); the graphs themselves are in the upstream keys
+        root = ctx.out.resolve()
+        where = {name: [_relative(folder, root), graph] for name, (folder, graph) in self._variants(ctx).items()}
+        return stage_key(device, p.turns, p.warmup, where, upstream, ctx.data_fingerprint)
 
     def run(self, ctx: RunContext) -> StageResult:
         p = ctx.cfg.profile
