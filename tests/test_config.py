@@ -146,3 +146,13 @@ def test_a_speech_corpus_is_refused_by_the_text_pipeline():
 def test_context_templates_are_checked_at_start_up(flag, value, message):
     with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
         cli((flag[2:].replace("-", "_"), value))
+
+
+@pytest.mark.parametrize("value, ok", [("1", True), ("-1", True), ("auto", True), ("0,1", True), ("", False),
+                                       ("0,", False), ("gpu0", False), ("0", False)])
+def test_devices_values(value, ok):
+    if ok:
+        cli(("devices", value))
+    else:
+        with pytest.raises(ConfigError, match="--devices"):
+            cli(("devices", value))

@@ -281,3 +281,29 @@ def test_the_same_run_folder_spelled_another_way_is_up_to_date(fixture_data, tmp
     capsys.readouterr()
     assert main(other) == 0
     assert capsys.readouterr().out.count("up to date") == 6  # distill .. report: nothing re-profiled
+
+
+def test_careless_arguments_to_the_robot_side_commands(tmp_path, capsys, fixture_data):
+    """Each is one line naming the flag or the file, never a traceback."""
+    from conftest import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "bundle")[0]
+    for bad in ("0", "-1", "nan", "inf", "abc"):
+        with pytest.raises(SystemExit):
+            main(["stream", "--bundle", str(bundle), "--idle-ttl", bad])
+        assert "--idle-ttl" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    cases = [
+        (["profile", "--bundle", str(bundle), "--json", str(tmp_path)], "is a folder"),
+        (["export-triton", "--bundle", str(bundle), "--out", str(tmp_path / "repo"), "--name", "bad/x"], "name must be"),
+        (["distill", "--teacher", "none", "--loss", "ce=1", "--student", "tiny", "--data-dir", str(fixture_data),
+          "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "a-file")], "is a file, not a cache folder"),
+    ]
+    for args, message in cases:
+        assert main(args) == 1, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err[-400:])
+    repo = ["export-triton", "--bundle", str(bundle), "--out", str(tmp_path / "repo")]
+    assert main(repo) == 0 and main(repo) == 1  # an existing model is not replaced without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*repo, "--overwrite"]) == 0

@@ -156,8 +156,6 @@ def _run_options() -> argparse.ArgumentParser:
         section = path.rpartition(".")[0] or "run config"
         if section not in groups:
             groups[section] = p.add_argument_group(section)
-        if path in ALIASES:  # a top-level field (--teacher) that is also an alias name
-            continue
         default = _get_path(defaults, path)
         _add_config_flag(groups[section], path, f"{leaf.help} (default: {default})".lstrip())
     return p
@@ -491,7 +489,8 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
                                max_queue_delay_us=args.max_queue_delay_us, instances=args.instances, kind=args.kind,
                                tokenize=args.tokenize, name=args.name, overwrite=args.overwrite)
     except FileExistsError as err:
-        raise ConfigError(str(err), field="--out") from None
+        raise ConfigError(str(err).replace("pass overwrite=True to replace", "--overwrite replaces it"),
+                          field="--out") from None
     except ValueError as err:  # a bad name, kind or limit, said by the exporter
         raise ConfigError(str(err)) from None
     print(summary(result))

@@ -56,7 +56,8 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable
 def _check_devices(value: Any) -> str | None:
     if isinstance(value, int):
         return None if value >= 1 or value == -1 else "must be >= 1, -1 (all) or 'auto'"
-    if value == "auto" or all(p.strip().isdigit() for p in str(value).split(",") if p.strip()) and str(value).strip(","):
+    indices = [p.strip() for p in str(value).split(",")]
+    if value == "auto" or (indices and all(p.isdigit() for p in indices)):
         return None
     return f"must be a count (1), -1, 'auto' or a list of device indices ('0,1'), got {value!r}"
 
@@ -583,10 +584,6 @@ def _get_path(obj: Any, path: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def normalise_teacher(value: Any) -> Any:
-    return None if isinstance(value, str) and value.lower() == "none" else value
 
 
 def to_plain(cfg: RunConfig) -> dict[str, Any]:

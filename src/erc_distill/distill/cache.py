@@ -21,6 +21,7 @@ import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,17 @@ from erc_distill.modeling import PromptedClassifier
 
 
 def weights_hash(folder: str | Path) -> str:
-    """SHA-256 (first 16 hex) over every ``*.safetensors`` file of a saved model folder."""
+    """SHA-256 (first 16 hex) over every ``*.safetensors`` file of a saved model folder (memoised per
+    file name, size and mtime: the cache stage's key and its run ask for the same teacher)."""
+    files = sorted(Path(folder).rglob("*.safetensors"))
+    return _weights_hash(str(folder), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@lru_cache(maxsize=8)
+def _weights_hash(folder: str, files: tuple[tuple[str, int, int], ...]) -> str:
     h = hashlib.sha256()
-    for f in sorted(Path(folder).rglob("*.safetensors")):
+    for name, _, _ in files:
+        f = Path(name)
         h.update(f.relative_to(folder).as_posix().encode())
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):

@@ -66,7 +66,7 @@ def resolve_precision(cfg: RunConfig, log: Callable[[str], None] = print) -> Run
     for name in ("teacher_train", "student_train"):
         train = getattr(cfg, name)
         precision, reason = resolve(train.precision, train.accelerator)
-        if precision != train.precision or "warn" in reason.lower() or "emulat" in reason.lower():
+        if precision != train.precision or reason.startswith("warning"):
             log(f"{name.replace('_', ' ')} precision {precision}: {reason}")
         out = replace(out, **{name: replace(train, precision=precision)})
     return out
