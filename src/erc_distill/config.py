@@ -213,11 +213,23 @@ def _check_corpus(value: str) -> str | None:
 
     if value not in CORPORA:
         return f"unknown corpus {value!r}; known: {', '.join(sorted(CORPORA))}"
-    if getattr(CORPORA[value], "layout", "csv") == "clips":  # e.g. RAVDESS: its only text is two fixed sentences
-        return (f"{value} is a speech corpus (its text is two fixed sentences): the text pipeline needs a "
-                "dialogue corpus; the audio branch will take it (erc-distill data-stats --data "
-                f"{value} reads it today)")
     return None
+
+
+def corpus_modality(corpus: str) -> str:
+    """``audio`` for a corpus of clips (RAVDESS: the models are speech encoders), else ``text``."""
+    from erc_distill.data.corpora import CORPORA
+
+    return "audio" if getattr(CORPORA.get(corpus), "layout", "csv") == "clips" else "text"
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """Where turns' clips are and how they are read (audio runs)."""
+
+    dir: str | None = opt(None, "folder of the corpus's media files (MELD's dia{D}_utt{U}.mp4 split folders, "
+                          "IEMOCAP wavs; RAVDESS: another copy of its Actor_NN folders)")
+    max_seconds: float = opt(12.0, "longest clip read, in seconds: longer ones are cut and counted", gt=0, le=30)
 
 
 @dataclass(frozen=True)
@@ -237,11 +249,17 @@ class RunConfig:
     quantize: QuantizeConfig = opt(factory=QuantizeConfig)
     profile: ProfileConfig = opt(factory=ProfileConfig)
     limit: int | None = opt(None, "use only the first N dialogues of each split (--quick: 30)", ge=1)
+    media: MediaConfig = opt(factory=MediaConfig)
     hidden_layers: tuple[int, ...] = opt((), "teacher layers cached at the mask (hidden loss; default: the top n)", ge=0)
 
     @property
     def uses_teacher(self) -> bool:
         return self.teacher is not None and self.loss.needs_teacher
+
+    @property
+    def modality(self) -> str:
+        """``text`` or ``audio``: what the corpus holds, so what the teacher and student read."""
+        return corpus_modality(self.data)
 
 
 # --------------------------------------------------------------------------- shorthands and aliases
@@ -298,6 +316,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "budget": ("quantize.budget",),
     "calibration_turns": ("quantize.calibration_turns",),
     "qat_epochs": ("quantize.qat_epochs",),
+    "media_dir": ("media.dir",),
+    "max_seconds": ("media.max_seconds",),
 }
 
 
@@ -552,9 +572,34 @@ def check_config(cfg: RunConfig) -> RunConfig:
         needs = [n for n in cfg.loss.weights if _needs_teacher(n)]
         raise ConfigError(f"the terms {', '.join(needs)} need a teacher; with --teacher none use e.g. --loss ce=1",
                           field="--loss")
+    _check_modality(cfg)
     if cfg.teacher is not None and cfg.teacher_loss.needs_teacher:
         raise ConfigError("the teacher trains on terms that need no teacher (e.g. ce=1)", field="--teacher-loss")
     return cfg
+
+
+def _check_modality(cfg: RunConfig) -> None:
+    """Models that read what the corpus holds: speech encoders for a clip corpus, text ones otherwise."""
+    from importlib import resources
+
+    import yaml
+
+    def names(package: str, file: str) -> set[str]:  # preset files read directly: no torch at start-up
+        return set(yaml.safe_load(resources.files(package).joinpath(file).read_text("utf-8")))
+
+    audio_names = names("erc_distill.audio", "presets.yaml") | {"tiny-whisper"}
+    text_names = names("erc_distill.presets", "encoders.yaml") | {"tiny", "tiny-bert"}
+    audio = cfg.modality == "audio"
+    for flag, name in (("--teacher", cfg.teacher if cfg.uses_teacher else None), ("--student", cfg.student)):
+        if name is None:
+            continue
+        if audio and name in text_names:
+            raise ConfigError(f"{cfg.data} is a speech corpus (clips; its text is two fixed sentences): {name} is a "
+                              f"text encoder; use a speech encoder ({', '.join(sorted(audio_names))}, a hub id or a "
+                              f"folder), e.g. --config ravdess-whisper", field=flag)
+        if not audio and name in audio_names:
+            raise ConfigError(f"{name} is a speech encoder, but {cfg.data} is a text corpus; speech encoders take "
+                              "a clip corpus (--data ravdess)", field=flag)
 
 
 def _template_problem(template: str | None, allowed: set[str]) -> str | None:

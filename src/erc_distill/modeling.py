@@ -47,6 +47,15 @@ class ModelOutput:
     features: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
+    def layer_features(self, layer: int, batch: Any) -> torch.Tensor:
+        """Layer ``layer``'s representation of each example, ``[B, H]``: the text model's hidden state
+        at the mask position (an audio model's pools over the valid frames instead)."""
+        if self.hidden_states is None:
+            raise ValueError("no hidden states: run the model with output_hidden_states=True")
+        hidden = self.hidden_states[layer]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, batch.mask_index.to(hidden.device)]
+
 
 def saved_weights_present(folder: str | Path) -> bool:
     """Whether a saved classifier folder (``encoder/`` + ``head.safetensors``, text or audio) holds its weights."""

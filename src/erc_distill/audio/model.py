@@ -55,6 +55,12 @@ class AudioModelOutput(ModelOutput):
             raise ValueError("no hidden states: run the model with output_hidden_states=True")
         return tuple(masked_mean(h, self.frame_mask) for h in self.hidden_states)
 
+    def layer_features(self, layer: int, batch: Any = None) -> torch.Tensor:
+        """Layer ``layer``'s hidden states averaged over each clip's valid frames, ``[B, H]``."""
+        if self.hidden_states is None or self.frame_mask is None:
+            raise ValueError("no hidden states: run the model with output_hidden_states=True")
+        return masked_mean(self.hidden_states[layer], self.frame_mask)
+
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``hidden`` ``[B, F, H]`` over the frames where ``mask`` ``[B, F]`` is True -> ``[B, H]``."""

@@ -54,7 +54,11 @@ class TeacherTargets(Protocol):
 @dataclass
 class Batch:
     """A padded batch. ``input_ids``/``attention_mask`` [B, T]; ``mask_index``/``labels`` [B];
-    ``teacher``: cached teacher tensors (``logits`` [B, C], ``features`` [B, H_t], ``hidden`` [B, n, H_t])."""
+    ``teacher``: cached teacher tensors (``logits`` [B, C], ``features`` [B, H_t], ``hidden`` [B, n, H_t]).
+
+    Every batch type (this one, :class:`erc_distill.audio.data.ClipBatch`) has ``labels``,
+    ``example_ids``, ``teacher``, :meth:`model_inputs` (the model's positional inputs), :meth:`onnx_feed`
+    (the exported graph's inputs) and :meth:`to`; trainers, caches and exporters use only these."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -65,6 +69,31 @@ class Batch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def model_inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.input_ids, self.attention_mask, self.mask_index
+
+    def onnx_feed(self) -> dict[str, Any]:
+        return {"input_ids": self.input_ids.numpy(), "attention_mask": self.attention_mask.numpy(),
+                "mask_index": self.mask_index.numpy()}
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """This batch with every tensor (teacher targets included) on ``device``."""
+        return move_batch(self, device)
+
+
+def move_batch(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` (a dataclass of tensors, lists and a ``teacher`` dict) with its tensors on ``device``."""
+    from dataclasses import fields, replace
+
+    changes = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor):
+            changes[f.name] = value.to(device)
+        elif f.name == "teacher" and value is not None:
+            changes[f.name] = {k: v.to(device) for k, v in value.items()}
+    return replace(batch, **changes)
 
 
 class ExampleDataset(Dataset):
@@ -179,27 +208,20 @@ class ResumableLoader(DataLoader):
         self.batch_sampler.load_state_dict(state)
 
 
-class ErcDataModule(L.LightningDataModule):
-    """Train / dev / test examples of one corpus, built with one tokenizer and context config.
+class ExampleDataModule(L.LightningDataModule):
+    """Train / dev / test examples of one corpus with the Lightning loaders every modality shares:
+    length-bucketed, resumable training batches and length-sorted evaluation batches.
 
-    ``limit``: keep only the first ``limit`` dialogues of each split (``--quick``).
+    Subclasses build the examples (:meth:`_build`), say how long one is (:meth:`_length`: tokens,
+    samples) and collate them (:meth:`_collator`). ``limit``: keep only the first ``limit`` dialogues
+    of each split (``--quick``).
     """
 
-    def __init__(
-        self,
-        corpus: str,
-        builder: ContextBuilder,
-        data_dir: str | Path | None = None,
-        batch_size: int = 16,
-        eval_batch_size: int = 64,
-        seed: int = 0,
-        limit: int | None = None,
-        teacher: TeacherTargets | None = None,
-        num_workers: int = 0,
-    ) -> None:
+    def __init__(self, corpus: str, data_dir: str | Path | None = None, batch_size: int = 16,
+                 eval_batch_size: int = 64, seed: int = 0, limit: int | None = None,
+                 teacher: TeacherTargets | None = None, num_workers: int = 0) -> None:
         super().__init__()
         self.corpus = corpus
-        self.builder = builder
         self.data_dir = data_dir
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -208,7 +230,7 @@ class ErcDataModule(L.LightningDataModule):
         self.teacher = teacher
         self.num_workers = num_workers
         self.splits: dict[str, CorpusSplit] = {}
-        self.examples: dict[str, list[Example]] = {}
+        self.examples: dict[str, list[Any]] = {}
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -222,18 +244,23 @@ class ErcDataModule(L.LightningDataModule):
             self.splits[name] = data
         return self.splits[name]
 
-    def examples_of(self, name: Split) -> list[Example]:
+    def examples_of(self, name: Split) -> list[Any]:
         if name not in self.examples:
-            self.examples[name] = build_examples(self.split(name), self.builder)
+            self.examples[name] = self._build(self.split(name))
         return self.examples[name]
+
+    def _build(self, data: CorpusSplit) -> list[Any]:
+        raise NotImplementedError
+
+    def _length(self, example: Any) -> int:
+        raise NotImplementedError
+
+    def _collator(self, with_teacher: bool) -> Any:
+        raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
         for name in ("train", "dev") if stage in (None, "fit") else ("dev", "test"):
             self.examples_of(name)
-
-    def _collator(self, with_teacher: bool) -> Collator:
-        pad = self.builder.tokenizer.pad_token_id
-        return Collator(pad if pad is not None else 0, self.teacher if with_teacher else None)
 
     def train_batches_per_epoch(self, world_size: int = 1) -> int:
         """Batches one rank sees per epoch (what :meth:`train_dataloader`'s sampler yields), computed
@@ -246,14 +273,15 @@ class ErcDataModule(L.LightningDataModule):
         ex = self.examples_of("train")
         trainer = self.trainer  # set by Lightning during fit; None when used on its own
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = LengthBucketSampler([len(e.input_ids) for e in ex], self.batch_size, seed=self.seed,
+        sampler = LengthBucketSampler([self._length(e) for e in ex], self.batch_size, seed=self.seed,
                                       num_replicas=replicas, rank=rank)
         return ResumableLoader(ExampleDataset(ex), batch_sampler=sampler, collate_fn=self._collator(True),
                                num_workers=self.num_workers)
 
     def eval_dataloader(self, name: Split) -> DataLoader:
         ex = self.examples_of(name)
-        return DataLoader(ExampleDataset(ex), batch_sampler=sorted_batches([len(e.input_ids) for e in ex], self.eval_batch_size),
+        return DataLoader(ExampleDataset(ex), batch_sampler=sorted_batches([self._length(e) for e in ex],
+                                                                           self.eval_batch_size),
                           collate_fn=self._collator(False), num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
@@ -263,12 +291,35 @@ class ErcDataModule(L.LightningDataModule):
         return self.eval_dataloader("test")
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        if isinstance(batch, Batch):
-            batch.input_ids = batch.input_ids.to(device)
-            batch.attention_mask = batch.attention_mask.to(device)
-            batch.mask_index = batch.mask_index.to(device)
-            batch.labels = batch.labels.to(device)
-            if batch.teacher is not None:
-                batch.teacher = {k: v.to(device) for k, v in batch.teacher.items()}
-            return batch
+        if hasattr(batch, "model_inputs"):
+            return batch.to(device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+
+class ErcDataModule(ExampleDataModule):
+    """Text examples: each turn with its context, built by one tokenizer and context config."""
+
+    def __init__(
+        self,
+        corpus: str,
+        builder: ContextBuilder,
+        data_dir: str | Path | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int = 64,
+        seed: int = 0,
+        limit: int | None = None,
+        teacher: TeacherTargets | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(corpus, data_dir, batch_size, eval_batch_size, seed, limit, teacher, num_workers)
+        self.builder = builder
+
+    def _build(self, data: CorpusSplit) -> list[Example]:
+        return build_examples(data, self.builder)
+
+    def _length(self, example: Example) -> int:
+        return len(example.input_ids)
+
+    def _collator(self, with_teacher: bool) -> Collator:
+        pad = self.builder.tokenizer.pad_token_id
+        return Collator(pad if pad is not None else 0, self.teacher if with_teacher else None)

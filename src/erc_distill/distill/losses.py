@@ -220,9 +220,8 @@ class HiddenMSE(LossTerm):
         teacher = self._teacher(batch, "hidden").float()
         if teacher.shape[1] != len(self.student_layers):
             raise ValueError(f"teacher cache has {teacher.shape[1]} hidden layers, the map has {len(self.student_layers)}")
-        rows = torch.arange(len(batch), device=teacher.device)
         losses = [
-            F.mse_loss(proj(student.hidden_states[layer][rows, batch.mask_index]), teacher[:, k])
+            F.mse_loss(proj(student.layer_features(layer, batch)), teacher[:, k])
             for k, (layer, proj) in enumerate(zip(self.student_layers, self.projs))
         ]
         return torch.stack(losses).mean()

@@ -24,7 +24,7 @@ class ErcModule(L.LightningModule):
         self.val_f1 = MulticlassF1Score(num_classes=n, average="weighted")
 
     def forward(self, batch: Batch, output_hidden_states: bool = False) -> ModelOutput:
-        return self.model(batch.input_ids, batch.attention_mask, batch.mask_index, output_hidden_states)
+        return self.model(*batch.model_inputs(), output_hidden_states=output_hidden_states)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         total = self.total_steps() if self._trainer is not None else 1
@@ -91,13 +91,11 @@ def predict(model: PromptedClassifier, loader, device: str | torch.device = "cpu
     model.eval().to(device)
     ids, logits, features, hidden = [], [], [], []
     for batch in loader:
-        out = model(batch.input_ids.to(device), batch.attention_mask.to(device), batch.mask_index.to(device),
-                    output_hidden_states=bool(hidden_layers))
+        batch = batch.to(device)
+        out = model(*batch.model_inputs(), output_hidden_states=bool(hidden_layers))
         ids += batch.example_ids
         logits.append(out.logits.float().cpu())
         features.append(out.features.float().cpu())
         if hidden_layers:
-            rows = torch.arange(len(batch))
-            mask = batch.mask_index.to(device)
-            hidden.append(torch.stack([out.hidden_states[i][rows, mask] for i in hidden_layers], 1).float().cpu())
+            hidden.append(torch.stack([out.layer_features(i, batch) for i in hidden_layers], 1).float().cpu())
     return ids, torch.cat(logits), torch.cat(features), (torch.cat(hidden) if hidden_layers else None)

@@ -107,8 +107,8 @@ def ort_session(path: str | Path, threads: int | None = None):
 
 
 def ort_inputs(batch: Batch) -> dict[str, np.ndarray]:
-    return {"input_ids": batch.input_ids.numpy(), "attention_mask": batch.attention_mask.numpy(),
-            "mask_index": batch.mask_index.numpy()}
+    """The exported graph's inputs for a batch of any modality (its ``onnx_feed``)."""
+    return batch.onnx_feed()
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ def check_float_parity(model: PromptedClassifier, onnx_path: str | Path, batches
     model.eval()
     batches = list(batches)
     with torch.no_grad():
-        reference = [model(b.input_ids, b.attention_mask, b.mask_index).logits.numpy() for b in batches]
+        reference = [model(*b.model_inputs()).logits.numpy() for b in batches]
     report = compare(reference, (session.run(None, ort_inputs(b))[0] for b in batches))
     if not report.max_abs_diff <= atol:
         raise ExportError(f"ONNX export of {onnx_path} differs from PyTorch: {report} (allowed max |Δlogit| {atol:g})")

@@ -72,6 +72,21 @@ def resolve_precision(cfg: RunConfig, log: Callable[[str], None] = print) -> Run
     return out
 
 
+def resolve_model(name: str, modality: str) -> None:
+    """OSError naming what to install or download unless the encoder ``name`` can be had here."""
+    if modality == "audio":
+        from erc_distill.audio.encoders import TINY_AUDIO_PRESETS, resolve_audio_encoder
+
+        if name not in TINY_AUDIO_PRESETS:
+            resolve_audio_encoder(name)
+    else:
+        from erc_distill.modeling import TINY_PRESETS
+        from erc_distill.pretrained import resolve_pretrained
+
+        if name not in TINY_PRESETS:
+            resolve_pretrained(name)
+
+
 def open_run(cfg: RunConfig, out: str | Path, cache_dir: str | Path | None = None, *,
              log: Callable[[str], None] = print, progress: bool = True, fetch: bool = True) -> RunContext:
     """The run's context: precision resolved, the corpus present (fetched when it can be) and fingerprinted,
@@ -80,15 +95,11 @@ def open_run(cfg: RunConfig, out: str | Path, cache_dir: str | Path | None = Non
     from erc_distill.data.fetch import ensure_corpus
     from erc_distill.machine import machine_info
 
-    from erc_distill.modeling import TINY_PRESETS
-
     check_machine(cfg)
     cfg = resolve_precision(cfg, log)
-    for role, name in (("--teacher", cfg.teacher if cfg.uses_teacher else None), ("--student", cfg.student)):
-        if name is not None and name not in TINY_PRESETS:  # found before hours of teacher training, not after
-            from erc_distill.pretrained import resolve_pretrained
-
-            resolve_pretrained(name)
+    for name in (cfg.teacher if cfg.uses_teacher else None, cfg.student):
+        if name is not None:  # found before hours of teacher training, not after
+            resolve_model(name, cfg.modality)
     ensure_corpus(cfg.data, cfg.data_dir, fetch=fetch, log=log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,8 @@ from erc_distill.stages.manifest import Manifest
 if TYPE_CHECKING:
     import torch
 
-    from erc_distill.data.datamodule import ErcDataModule
+    from erc_distill.data.datamodule import ErcDataModule, ExampleDataModule
+    from erc_distill.stages.modality import AudioModality, TextModality
 
 CACHE_ENV = "ERC_DISTILL_CACHE"
 
@@ -71,6 +72,20 @@ class RunContext:
     data_fingerprint: str
     log: Callable[[str], None] = print
     progress: bool = True
+    _said: set[str] = field(default_factory=set, repr=False)
+
+    def log_once(self, message: str) -> None:
+        """``log`` a message the first time only (a media report that every stage's data module repeats)."""
+        if message not in self._said:
+            self._said.add(message)
+            self.log(message)
+
+    @property
+    def modality(self) -> "TextModality | AudioModality":
+        """How this run's models read the corpus (:mod:`erc_distill.stages.modality`)."""
+        from erc_distill.stages.modality import modality_of
+
+        return modality_of(self.cfg.modality)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -94,20 +109,20 @@ class RunContext:
                              batch_size=train.batch_size, eval_batch_size=train.eval_batch_size,
                              seed=train.seed, limit=self.cfg.limit, teacher=teacher)
 
-    def class_counts(self, dm: "ErcDataModule") -> "torch.Tensor":
+    def class_counts(self, dm: "ExampleDataModule") -> "torch.Tensor":
         import torch
 
         counts = Counter(e.label for e in dm.examples_of("train") if e.label >= 0)
         return torch.tensor([counts.get(i, 0) for i in range(len(self.labels))])
 
-    def student_objective(self, model: Any, tokenizer: Any) -> tuple["ErcDataModule", Any]:
+    def student_objective(self, model: Any, processor: Any) -> tuple["ExampleDataModule", Any]:
         """The student's data (joined to the teacher cache when the loss needs it) and its objective."""
         from erc_distill.distill.cache import TeacherCache
         from erc_distill.distill.objective import build_objective
 
         c = self.cfg
         teacher = TeacherCache(self.manifest.artifact("cache", "cache")) if c.uses_teacher else None
-        dm = self.datamodule(tokenizer, c.student_context, c.student_train, teacher)
+        dm = self.modality.datamodule(self, model, processor, "student", teacher)
         teacher_dim = teacher.arrays["train"]["features"].shape[1] if teacher else None
         objective = build_objective(c.loss, len(self.labels), model.hidden_size, teacher_dim,
                                     self.class_counts(dm), model.num_layers)

@@ -3,7 +3,6 @@ content-addressed by the teacher's weights, the data, the context and the tokeni
 
 from __future__ import annotations
 
-import json
 import shutil
 
 from erc_distill.errors import ConfigError
@@ -23,7 +22,7 @@ class CacheStage(Stage):
         model_dir = ctx.manifest.artifact("teacher", "model")
         layers = ctx.cfg.hidden_layers
         if "hidden" in ctx.cfg.loss.weights or layers:
-            depth = json.loads((model_dir / "encoder" / "config.json").read_text())["num_hidden_layers"]
+            depth = ctx.modality.depth(model_dir)
             n = ctx.cfg.loss.hidden_layers
             if not layers:  # default: the teacher's top n layers
                 if not 1 <= n <= depth:
@@ -35,24 +34,20 @@ class CacheStage(Stage):
             if "hidden" in ctx.cfg.loss.weights and len(layers) != n:
                 raise ConfigError(f"{len(layers)} cached teacher layers for {n} student layers "
                                   "(--loss.hidden-layers)", field="--hidden-layers")
-        return CacheKey(weights_hash(model_dir), ctx.cfg.data, ("train", "dev"), ctx.cfg.teacher_context.fingerprint(),
+        return CacheKey(weights_hash(model_dir), ctx.cfg.data, ("train", "dev"),
+                        ctx.modality.input_key(ctx, model_dir, "teacher"),
                         str(ctx.cfg.teacher), layers, ctx.cfg.limit, ctx.data_fingerprint)
 
     def key(self, ctx: RunContext) -> str:
         return stage_key(self._cache_key(ctx))
 
     def run(self, ctx: RunContext) -> StageResult:
-        from transformers import AutoTokenizer
-
         from erc_distill.distill.cache import build_cache
-        from erc_distill.modeling import PromptedClassifier
 
         key = self._cache_key(ctx)
         folder = ctx.cache_dir / "teacher-cache" / stage_key(key)
-        model_dir = ctx.manifest.artifact("teacher", "model")
-        model = PromptedClassifier.load(model_dir)
-        tok = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
-        dm = ctx.datamodule(tok, ctx.cfg.teacher_context, ctx.cfg.teacher_train)
+        model, tok = ctx.modality.load(ctx.manifest.artifact("teacher", "model"))
+        dm = ctx.modality.datamodule(ctx, model, tok, "teacher")
         try:
             cache = build_cache(model, dm, folder, key, device=ctx.infer_device, progress=ctx.progress)
             cache.check()

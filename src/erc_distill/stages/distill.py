@@ -17,22 +17,21 @@ class DistillStage(Stage):
     def key(self, ctx: RunContext) -> str:
         c = ctx.cfg
         cache_key = ctx.manifest.record("cache")["key"] if c.uses_teacher else None
-        return stage_key(c.student, c.data, ctx.data_fingerprint, c.student_context, c.student_train, c.loss.key(),
-                         c.limit, cache_key)
+        inputs = c.media if c.modality == "audio" else c.student_context
+        return stage_key(c.student, c.data, ctx.data_fingerprint, inputs, c.student_train, c.loss.key(), c.limit,
+                         cache_key)
 
     def run(self, ctx: RunContext) -> StageResult:
         import torch
 
         from erc_distill.distill.train import train_model
-        from erc_distill.modeling import load_encoder, prepare_for_context
 
         c, key = ctx.cfg, self.key(ctx)
         torch.manual_seed(c.student_train.seed)
-        model, tok = load_encoder(c.student, ctx.labels)
+        model, tok = ctx.modality.new_model(ctx, c.student, "student")
         if c.student_train.freeze_layers > model.num_layers:
             raise ConfigError(f"{c.student_train.freeze_layers} layers to freeze, but {c.student} has "
                               f"{model.num_layers}", field="--student-train.freeze-layers")
-        prepare_for_context(model, tok, c.student_context)
         dm, objective = ctx.student_objective(model, tok)
         ctx.log(f"student {c.student}: {params(model) / 1e6:.1f}M params; {objective}")
         train_dir = ctx.out / "student" / f"train-{key}"
@@ -41,6 +40,6 @@ class DistillStage(Stage):
                 shutil.rmtree(stale)
         trained = train_model(model, objective, dm, c.student_train, train_dir, ctx.progress)
         with atomic_dir(ctx.out / "student" / "model") as tmp:
-            model.save(tmp, tok)
+            ctx.modality.save(model, tok, tmp)
         return StageResult({"model": ctx.out / "student" / "model"},
                            {"train": asdict(trained), "params": params(model), "objective": str(objective)})

@@ -48,19 +48,12 @@ class EvaluateStage(Stage):
         return stage_key([ctx.manifest.record(s)["key"] for s in self._models(ctx).values()], ctx.data_fingerprint)
 
     def run(self, ctx: RunContext) -> StageResult:
-        from transformers import AutoTokenizer
-
-        from erc_distill.modeling import PromptedClassifier
-
         metrics: dict[str, Any] = {}
         artifacts: dict[str, Path] = {}
         for name, stage in self._models(ctx).items():
             folder = ctx.manifest.artifact(stage, "model")
-            model = PromptedClassifier.load(folder)
-            tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
-            teacher = name == "teacher"
-            dm = ctx.datamodule(tok, ctx.cfg.teacher_context if teacher else ctx.cfg.student_context,
-                                ctx.cfg.teacher_train if teacher else ctx.cfg.student_train)
+            model, tok = ctx.modality.load(folder)
+            dm = ctx.modality.datamodule(ctx, model, tok, name)
             metrics[name] = {"params": params(model)}
             for split in ("dev", "test"):
                 path = ctx.out / f"predictions_{name}_{split}.csv"

@@ -29,28 +29,29 @@ class TeacherStage(Stage):
 
     def key(self, ctx: RunContext) -> str:
         c = ctx.cfg
-        return stage_key(c.teacher, c.data, ctx.data_fingerprint, c.teacher_context, c.teacher_train,
-                         c.teacher_loss.key(), c.limit)
+        inputs = c.media if c.modality == "audio" else c.teacher_context
+        return stage_key(c.teacher, c.data, ctx.data_fingerprint, inputs, c.teacher_train, c.teacher_loss.key(),
+                         c.limit)
 
     def run(self, ctx: RunContext) -> StageResult:
         import torch
 
         from erc_distill.distill.objective import build_objective
         from erc_distill.distill.train import train_model
-        from erc_distill.modeling import PromptedClassifier, load_encoder, prepare_for_context
+        from erc_distill.modeling import saved_weights_present
 
         folder = teacher_dir(ctx, self.key(ctx))
         model_dir, result_file = folder / "model", folder / "model" / "result.json"
         if model_dir.is_dir():
             result = json.loads(result_file.read_text()) if result_file.is_file() else None
             recorded = (result or {}).get("files_sha256")
-            if recorded and PromptedClassifier.has_weights(model_dir) and \
+            if recorded and saved_weights_present(model_dir) and \
                     sha256_tree(model_dir, exclude=frozenset({"result.json"})) != recorded:
                 ctx.log(f"{model_dir} changed since it was trained (a damaged copy?); training it again")
                 shutil.rmtree(model_dir)
                 result = None
             if result is not None:
-                if not PromptedClassifier.has_weights(model_dir):
+                if not saved_weights_present(model_dir):
                     raise ConfigError(f"{model_dir} holds the teacher's configs but not its weights (they stayed on "
                                       f"the machine that trained it): copy its model/ folder here, delete {folder} "
                                       "to retrain, or use --start-at to continue a copied run")
@@ -61,19 +62,18 @@ class TeacherStage(Stage):
                 shutil.rmtree(model_dir)
         c = ctx.cfg
         torch.manual_seed(c.teacher_train.seed)  # the head's initialisation follows the seed too
-        model, tok = load_encoder(c.teacher, ctx.labels)
+        model, tok = ctx.modality.new_model(ctx, c.teacher, "teacher")
         if c.teacher_train.freeze_layers > model.num_layers:
             raise ConfigError(f"{c.teacher_train.freeze_layers} layers to freeze, but {c.teacher} has "
                               f"{model.num_layers}", field="--freeze-teacher-layers")
-        prepare_for_context(model, tok, c.teacher_context)
-        dm = ctx.datamodule(tok, c.teacher_context, c.teacher_train)
+        dm = ctx.modality.datamodule(ctx, model, tok, "teacher")
         objective = build_objective(c.teacher_loss, len(ctx.labels), model.hidden_size,
                                     class_counts=ctx.class_counts(dm))
         ctx.log(f"teacher {c.teacher}: {params(model) / 1e6:.1f}M params; {objective}")
         trained = train_model(model, objective, dm, c.teacher_train, folder / "train", ctx.progress)
         info = {"train": asdict(trained), "params": params(model)}
         with atomic_dir(model_dir) as tmp:
-            model.save(tmp, tok)
+            ctx.modality.save(model, tok, tmp)
             info["files_sha256"] = sha256_tree(tmp)  # checked when a later run reuses this teacher
             (tmp / "result.json").write_text(json.dumps(info, indent=2))
         return StageResult({"model": model_dir}, info)
