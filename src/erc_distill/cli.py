@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed turns (default: the whole split)")
     p.add_argument("--warmup", type=_config_type("profile.warmup"), default=20)
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    p.add_argument("--media-dir", type=Path, default=None, help="audio bundles: the corpus's media folder")
+    p.add_argument("--max-seconds", type=_config_type("media.max_seconds"), default=None,
+                   help="audio bundles: longest clip read (longer ones are cut)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("stream", help="classify turns read as JSON lines from stdin with an exported bundle")
@@ -405,29 +408,41 @@ def cmd_show_input(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from erc_distill.profiles import load_profile
-    from erc_distill.profiles.profiler import profile_bundle
+    from erc_distill.profiles.profiler import profile_audio_bundle, profile_bundle
+    from erc_distill.runtime.bundle import _read_meta
 
     if args.json is not None and args.json.is_dir():
         raise ConfigError(f"{args.json} is a folder; give a file name", field="--json")
     device = load_profile(args.profile)
     data = load_corpus(args.data, args.split, args.data_dir)
-    result = profile_bundle(args.bundle, device, data.dialogues, args.model_file, args.warmup, args.turns)
+    audio = _read_meta(args.bundle, args.bundle / "bundle.json").get("modality") == "audio"
+    if audio:
+        from erc_distill.media import locate_clip
+
+        turns = [t for d in data.dialogues for t in d.turns]
+        clips = [c for c in (locate_clip(t, args.media_dir) for t in turns) if c is not None]
+        result = profile_audio_bundle(args.bundle, device, clips, args.model_file, args.warmup, args.turns,
+                                      max_seconds=args.max_seconds)
+    else:
+        result = profile_bundle(args.bundle, device, data.dialogues, args.model_file, args.warmup, args.turns)
     if args.json:
         from erc_distill.atomic import write_text
 
         write_text(args.json, result.to_json())
     v = result.verdict
-    print(f"{result.variant} on {device.name} ({device.backend}, {device.threads} threads): {result.turns} turns of "
-          f"{args.data}/{args.split}, mean {result.mean_tokens:.0f} tokens")
+    what = (f"{result.turns} clips of {args.data}/{args.split}, mean {result.mean_seconds:.2f} s (decode + log-mel + "
+            "model)" if audio else f"{result.turns} turns of {args.data}/{args.split}, mean {result.mean_tokens:.0f} tokens")
+    print(f"{result.variant} on {device.name} ({device.backend}, {device.threads} threads): {what}")
     print(f"  latency ms  p50 {result.p50_ms:.2f}  p95 {result.p95_ms:.2f}  p99 {result.p99_ms:.2f}  "
-          f"mean {result.mean_ms:.2f}  ->  {result.turns_per_s:.0f} turns/s")
+          f"mean {result.mean_ms:.2f}  ->  {result.turns_per_s:.0f} {'clips' if audio else 'turns'}/s")
     print(f"  peak RSS {result.peak_rss_mb:.0f} MB, model {result.model_size_mb:.1f} MB, params {result.params}")
     print(f"  budget p99 {device.p99_budget_ms:g} ms (+{device.network_rtt_ms:g} ms network), memory "
           f"{device.memory_budget_mb:g} MB: {'PASS' if v['pass'] else 'FAIL'}"
           + ("" if v.get("precision_ok") is not False else
              f" (but this graph is {result.precision}; {device.name} deploys {device.precision})"))
     if args.turns and result.turns < args.turns:
-        print(f"  note: {args.data}/{args.split} has only {result.turns} turns to time (asked for {args.turns})")
+        print(f"  note: {args.data}/{args.split} has only {result.turns} {'clips' if audio else 'turns'} to time "
+              f"(asked for {args.turns})")
     return 0
 
 

@@ -11,11 +11,11 @@ from typing import Any
 
 from erc_distill.atomic import atomic_path, write_json
 from erc_distill.data.context import ContextConfig
-from erc_distill.export.onnx_export import INPUT_NAMES, export_onnx
+from erc_distill.export.onnx_export import AUDIO_INPUT_NAMES, INPUT_NAMES, export_audio_onnx, export_onnx
 from erc_distill.modeling import PromptedClassifier
 from erc_distill.runtime.bundle import BUNDLE_FORMAT, file_record, record_bundle_file
 
-__all__ = ["record_bundle_file", "write_bundle"]
+__all__ = ["record_bundle_file", "write_audio_bundle", "write_bundle"]
 
 
 def write_bundle(model: PromptedClassifier, tokenizer: Any, context: ContextConfig, folder: str | Path,
@@ -58,6 +58,30 @@ def write_bundle(model: PromptedClassifier, tokenizer: Any, context: ContextConf
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **({"provenance": provenance} if provenance else {}),
         "files": {name: file_record(folder / name) for name in ("model.onnx", "tokenizer.json")},
+    }
+    write_json(folder / "bundle.json", meta)
+    return folder
+
+
+def write_audio_bundle(model: Any, folder: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+    """Export an :class:`~erc_distill.audio.model.AudioClassifier` to ``folder/model.onnx`` and write
+    ``bundle.json`` (:mod:`erc_distill.runtime.audio_bundle`): labels, the log-mel settings, checksums."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "model.onnx") as tmp:
+        export_audio_onnx(model, tmp)
+    meta = {
+        "format": BUNDLE_FORMAT,
+        "modality": "audio",
+        "model": "model.onnx",
+        "labels": list(model.labels),
+        "preprocessing": model.preprocessing,
+        "inputs": list(AUDIO_INPUT_NAMES),
+        "source": model.source,
+        "params": sum(p.numel() for p in model.parameters()),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({"provenance": provenance} if provenance else {}),
+        "files": {"model.onnx": file_record(folder / "model.onnx")},
     }
     write_json(folder / "bundle.json", meta)
     return folder

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,17 +28,20 @@ from erc_distill.errors import ExportError
 from erc_distill.modeling import PromptedClassifier
 
 INPUT_NAMES = ("input_ids", "attention_mask", "mask_index")
+AUDIO_INPUT_NAMES = ("features", "lengths")
 OUTPUT_NAMES = ("logits",)
 DEFAULT_OPSET = 17
 
 
 class _LogitsOnly(nn.Module):
-    def __init__(self, model: PromptedClassifier) -> None:
+    """A classifier (text or audio) with the logits as its only output."""
+
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_index: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, attention_mask, mask_index).logits
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(*inputs).logits
 
 
 def export_onnx(model: PromptedClassifier, path: str | Path, opset: int = DEFAULT_OPSET, pad_id: int = 0) -> Path:
@@ -72,6 +76,35 @@ def export_onnx(model: PromptedClassifier, path: str | Path, opset: int = DEFAUL
     return path
 
 
+def export_audio_onnx(model: Any, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Write an :class:`~erc_distill.audio.model.AudioClassifier` as ONNX and run ``onnx.checker`` on it.
+
+    Inputs: ``features`` [B, n_mels, T] float32 (Whisper's log-mel; ``samples`` [B, N] for a waveform
+    encoder) and ``lengths`` [B] int64, the valid frames (samples) of each row; output ``logits`` [B, C].
+    Batch and time axes are dynamic: a clip runs on its own length, as in training. Traced with two
+    clips of different lengths, so the padding masks are in the graph.
+    """
+    import onnx
+
+    if model.input_kind != "log-mel":
+        raise ExportError(f"ONNX export of {model.input_kind} encoders is not supported yet (their per-length "
+                          "batching does not trace into one graph); export a Whisper student")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = _LogitsOnly(model).eval()
+    rng = np.random.default_rng(0)
+    inputs, lengths = model.prepare([rng.standard_normal(n).astype(np.float32) * 0.1 for n in (16000, 9600)])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(wrapper, (inputs, lengths), str(path), input_names=list(AUDIO_INPUT_NAMES),
+                          output_names=list(OUTPUT_NAMES), opset_version=opset, dynamo=False,
+                          dynamic_axes={"features": {0: "batch", 2: "frames"}, "lengths": {0: "batch"},
+                                        "logits": {0: "batch"}})
+    model.eval()
+    onnx.checker.check_model(str(path))
+    return path
+
+
 def fuse_transformer(path: str | Path, out_path: str | Path, model: PromptedClassifier) -> dict[str, int]:
     """ONNX Runtime's transformer fusions on the graph at ``path``, written to ``out_path``.
 
@@ -81,6 +114,8 @@ def fuse_transformer(path: str | Path, out_path: str | Path, model: PromptedClas
     from onnxruntime.transformers.optimizer import optimize_model
 
     config = model.encoder.config
+    if not hasattr(config, "num_attention_heads"):  # a speech encoder: no fusion recipe in ONNX Runtime here
+        return {}
     kind = "bert" if config.model_type in ("bert", "roberta", "xlm-roberta", "distilbert", "electra") else None
     if kind is None:
         return {}

@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from erc_distill.atomic import atomic_path
-from erc_distill.data.datamodule import Batch, ErcDataModule
+from erc_distill.data.datamodule import Batch, ExampleDataModule
 from erc_distill.distill.objective import Objective
 from erc_distill.distill.train import TrainConfig, TrainResult, train_model
-from erc_distill.export.onnx_export import export_onnx
+from erc_distill.export.onnx_export import export_audio_onnx, export_onnx
 from erc_distill.export.quantize import fold_weight_quantizers
 from erc_distill.modeling import PromptedClassifier
 
 
-def quantize_aware_train(model: PromptedClassifier, objective: Objective, datamodule: ErcDataModule,
+def quantize_aware_train(model: PromptedClassifier, objective: Objective, datamodule: ExampleDataModule,
                          calibration: Sequence[Batch], cfg: TrainConfig, out_dir: str | Path,
                          onnx_path: str | Path, pad_id: int = 0, progress: bool = True,
                          reference_batches: Sequence[Batch] = ()) -> tuple[TrainResult, np.ndarray | None]:
@@ -44,15 +44,17 @@ def quantize_aware_train(model: PromptedClassifier, objective: Objective, datamo
     import nncf
 
     model.eval()
-    dataset = nncf.Dataset(list(calibration), lambda b: (b.input_ids, b.attention_mask, b.mask_index))
+    dataset = nncf.Dataset(list(calibration), lambda b: b.model_inputs())
     quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
     result = train_model(quantized, objective, datamodule, cfg, out_dir, progress)
     quantized.eval()
     example = calibration[0]
-    stripped = nncf.strip(quantized, strip_format=nncf.StripFormat.NATIVE,
-                          example_input=(example.input_ids, example.attention_mask, example.mask_index))
+    stripped = nncf.strip(quantized, strip_format=nncf.StripFormat.NATIVE, example_input=example.model_inputs())
     with atomic_path(onnx_path) as tmp:
-        export_onnx(stripped, tmp, pad_id=pad_id)
+        if getattr(stripped, "input_kind", None) is not None:  # an audio classifier
+            export_audio_onnx(stripped, tmp)
+        else:
+            export_onnx(stripped, tmp, pad_id=pad_id)
         fold_weight_quantizers(tmp)  # INT8 weights on disk (the export keeps them float behind QuantizeLinear)
     reference = None
     if reference_batches:

@@ -55,9 +55,11 @@ class ProfileResult:
     p99_ms: float
     mean_ms: float
     turns_per_s: float
-    mean_tokens: float
+    mean_tokens: float | None
+    """Mean input tokens per turn (text bundles; None for audio)."""
     by_length: list[dict[str, Any]]
-    """Per bucket of the profile's sequence_lengths: tokens "lo-hi" (">L" past the longest), calls, p50, p99."""
+    """Per bucket of the profile's sequence_lengths: tokens "lo-hi" (">L" past the longest), calls, p50, p99
+    (audio: ``seconds`` "lo-hi" of :data:`AUDIO_SECONDS` instead of ``tokens``)."""
     peak_rss_mb: float
     model_size_mb: float
     params: int | None
@@ -65,6 +67,8 @@ class ProfileResult:
     machine: dict[str, Any]
     """:func:`erc_distill.machine.machine_info`: platform, CPU model, cores, ISA."""
     date: str
+    mean_seconds: float | None = None
+    """Mean clip length in seconds (audio bundles)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -127,10 +131,19 @@ def length_table(device: DeviceProfile, latencies: Sequence[float], widths: Sequ
     longest = device.sequence_lengths[-1]
     if (width > longest).any():
         buckets.append((longest + 1, None, f">{longest}"))
+    return _bucket_rows(lat, width, buckets, "tokens")
+
+
+AUDIO_SECONDS = (2.0, 4.0, 6.0, 12.0)
+"""Upper edges of the clip-length buckets (seconds) of an audio profile's by-length table."""
+
+
+def _bucket_rows(lat: np.ndarray, width: np.ndarray, buckets: Sequence[tuple[float, float | None, str]],
+                 unit: str) -> list[dict[str, Any]]:
     rows = []
     for lo, hi, label in buckets:
         picked = lat[(width >= lo) & ((width <= hi) if hi is not None else True)]
-        rows.append({"tokens": label, "max_tokens": hi, "calls": int(picked.size),
+        rows.append({unit: label, f"max_{unit}": hi, "calls": int(picked.size),
                      "p50_ms": round(float(np.percentile(picked, 50)), 3) if picked.size else None,
                      "p99_ms": round(float(np.percentile(picked, 99)), 3) if picked.size else None})
     return rows
@@ -225,3 +238,62 @@ def profile_bundle(bundle_dir: str | Path, device: DeviceProfile, dialogues: Seq
         machine=machine_info(),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def profile_audio_bundle(bundle_dir: str | Path, device: DeviceProfile, clips: Sequence[Any],
+                         model_file: str | None = None, warmup: int = 20, max_clips: int | None = None,
+                         variant: str | None = None, max_seconds: float | None = None) -> ProfileResult:
+    """Time an audio bundle per clip on ``device``: decode the file (or segment) and resample to 16 kHz
+    (:func:`erc_distill.media.load_audio`), the numpy log-mel, ONNX Runtime on the clip's own length and
+    the softmax; ``device.batch`` clips per call. ``clips``: :class:`~erc_distill.media.MediaSource` (or
+    paths), in order; the first ``warmup`` are run untimed. Lengths are bucketed by :data:`AUDIO_SECONDS`."""
+    from erc_distill.media.audio import load_audio
+    from erc_distill.runtime.audio_bundle import AudioBundle
+
+    if device.backend != "onnxruntime-cpu":
+        raise ConfigError(f"profile {device.name!r} needs backend {device.backend}, which this profiler runs only "
+                          "where it is installed; use a CPU profile here (e.g. cpu-2core)",
+                          field="backend", source=device.source or device.name)
+    bundle = AudioBundle.load(bundle_dir, threads=device.threads, model_file=model_file)
+    clips = list(clips)
+    if len(clips) < 2:
+        raise DataError(f"{len(clips)} clip(s) are too few to profile")
+    warmup = min(warmup, len(clips) // 2)
+    timed = clips[warmup:][:max_clips] if max_clips is not None else clips[warmup:]
+    calls = [timed[i : i + device.batch] for i in range(0, len(timed), device.batch)]
+
+    def run(sources: Sequence[Any]) -> list[float]:
+        samples = [load_audio(src, max_seconds=max_seconds).samples for src in sources]
+        bundle.probabilities(samples)
+        return [len(x) / 16000 for x in samples]
+
+    for i in range(0, warmup, device.batch):
+        run(clips[i : min(i + device.batch, warmup)])
+    latencies, widths, seconds = [], [], []
+    start = time.perf_counter()
+    for call in calls:
+        t0 = time.perf_counter()
+        lengths = run(call)
+        latencies.append(1000 * (time.perf_counter() - t0))
+        widths.append(max(lengths))
+        seconds.extend(lengths)
+    wall = time.perf_counter() - start
+    lat = np.array(latencies)
+    p99 = float(np.percentile(lat, 99))
+    edges = (0.0, *AUDIO_SECONDS)
+    buckets: list[tuple[float, float | None, str]] = [(lo + 1e-9 if lo else 0.0, hi, f"{lo:g}-{hi:g}")
+                                                      for lo, hi in zip(edges, edges[1:])]
+    if max(widths) > AUDIO_SECONDS[-1]:
+        buckets.append((AUDIO_SECONDS[-1] + 1e-9, None, f">{AUDIO_SECONDS[-1]:g}"))
+    rss = peak_rss_mb()
+    path = bundle.folder / (model_file or bundle.meta["model"])
+    precision = variant_precision(variant, model_file or bundle.meta["model"])
+    return ProfileResult(
+        variant=variant or Path(model_file or "model.onnx").stem, model_file=str(path), profile=device.name,
+        backend=device.backend, threads=device.threads, precision=precision, batch=device.batch, turns=len(seconds),
+        warmup=warmup, p50_ms=round(float(np.percentile(lat, 50)), 3), p95_ms=round(float(np.percentile(lat, 95)), 3),
+        p99_ms=round(p99, 3), mean_ms=round(float(lat.mean()), 3), turns_per_s=round(len(seconds) / wall, 1),
+        mean_tokens=None, by_length=_bucket_rows(lat, np.asarray(widths), buckets, "seconds"),
+        peak_rss_mb=round(rss, 1), model_size_mb=round(path.stat().st_size / 2**20, 2), params=bundle.meta.get("params"),
+        verdict=device.verdict(p99, rss, precision), machine=machine_info(),
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), mean_seconds=round(float(np.mean(seconds)), 2))

@@ -100,10 +100,11 @@ def length_rows(variants: list[Variant]) -> list[list[str]]:
     timed = [v for v in variants if v.profile and v.profile.get("by_length")]
     if not timed:
         return []
-    labels = list(dict.fromkeys(b["tokens"] for v in timed for b in v.profile["by_length"]))
-    rows = [["variant", *[f"p99 ms, {label} tokens" for label in labels]]]
+    unit = lambda b: f"{b['tokens']} tokens" if "tokens" in b else f"{b['seconds']} s"  # noqa: E731 (audio: clip length)
+    labels = list(dict.fromkeys(unit(b) for v in timed for b in v.profile["by_length"]))
+    rows = [["variant", *[f"p99 ms, {label}" for label in labels]]]
     for v in timed:
-        cells = {b["tokens"]: b for b in v.profile["by_length"]}
+        cells = {unit(b): b for b in v.profile["by_length"]}
         rows.append([v.name, *[f"{cells[l]['p99_ms']:.2f} ({cells[l]['calls']})"
                                if l in cells and cells[l]["p99_ms"] is not None else "–" for l in labels]])
     return rows

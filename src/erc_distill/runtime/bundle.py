@@ -146,6 +146,10 @@ def _read_meta(folder: Path, meta_file: Path) -> dict[str, Any]:
 
 def _validate_meta(meta_file: Path, meta: dict[str, Any]) -> None:
     """Keys, types and values of ``bundle.json`` (before any other file is opened)."""
+    if meta.get("modality") == "audio":
+        raise BundleError(f"{meta_file}: an audio bundle (a speech model, no tokenizer); open it with "
+                          "erc_distill.runtime.AudioBundle or open_bundle, or give it to `erc-distill stream` as "
+                          "--audio-bundle")
     if "format" in meta and meta["format"] != BUNDLE_FORMAT:
         raise BundleError(f"{meta_file}: bundle format {meta['format']!r}, this erc-distill reads "
                           f"{BUNDLE_FORMAT}; {REEXPORT} (or use the erc-distill version that wrote it)")

@@ -18,26 +18,23 @@ class ExportStage(Stage):
         return stage_key(ctx.manifest.record("distill")["key"], BUNDLE_VERSION)
 
     def run(self, ctx: RunContext) -> StageResult:
-        from transformers import AutoTokenizer
-
-        from erc_distill.export.bundle import write_bundle
         from erc_distill.export.onnx_export import check_float_parity, fuse_transformer
-        from erc_distill.modeling import PromptedClassifier
         from erc_distill.runtime.bundle import record_bundle_file
 
         record = ctx.manifest.record("distill")
-        folder = ctx.manifest.artifact("distill", "model")
-        model = PromptedClassifier.load(folder).eval()
-        tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
-        bundle = write_bundle(model, tok, ctx.cfg.student_context, ctx.out / "bundle",
-                              provenance={"run": str(ctx.out), "distill_key": record["key"]})
-        dm = ctx.datamodule(tok, ctx.cfg.student_context, ctx.cfg.student_train)
+        model, tok = ctx.modality.load(ctx.manifest.artifact("distill", "model"))
+        model.eval()
+        bundle = ctx.modality.write_bundle(ctx, model, tok, ctx.out / "bundle",
+                                           provenance={"run": str(ctx.out), "distill_key": record["key"]})
+        dm = ctx.modality.datamodule(ctx, model, tok, "student")
         parity = check_float_parity(model, bundle / "model.onnx", dm.eval_dataloader("dev"))
         ctx.log(f"bundle {bundle}: ONNX vs PyTorch on dev: {parity}")
         # the folder is checked for presence only (quantize adds graphs and their bundle.json entries);
         # the graphs and the tokenizer by hash
-        result = StageResult({"bundle": bundle, "model": bundle / "model.onnx", "tokenizer": bundle / "tokenizer.json"},
-                             {"parity": asdict(parity)}, unhashed=("bundle",))
+        files = {"model": bundle / "model.onnx"}
+        if (bundle / "tokenizer.json").is_file():
+            files["tokenizer"] = bundle / "tokenizer.json"
+        result = StageResult({"bundle": bundle, **files}, {"parity": asdict(parity)}, unhashed=("bundle",))
         fused_path = bundle / "model-fused.onnx"
         fused = fuse_transformer(bundle / "model.onnx", fused_path, model)
         if fused:  # the fused kernels compute the same function: held to the same parity
@@ -48,5 +45,6 @@ class ExportStage(Stage):
             result.artifacts["fused"] = fused_path
         else:
             fused_path.unlink(missing_ok=True)
-            ctx.log("no transformer fusion for this encoder: the INT8 graphs start from the plain graph")
+            if ctx.cfg.modality == "text":
+                ctx.log("no transformer fusion for this encoder: the INT8 graphs start from the plain graph")
         return result

@@ -40,15 +40,22 @@ class TextModality:
         prepare_for_context(model, tok, getattr(ctx.cfg, f"{role}_context"))
         return model, tok
 
-    def load(self, folder: Path) -> tuple[Any, Any]:
+    def load(self, folder: Path, weights: bool = True) -> tuple[Any, Any]:
+        """A saved model and its processor (``weights=False``: the architecture, randomly initialised)."""
         from transformers import AutoTokenizer
 
         from erc_distill.modeling import PromptedClassifier
 
-        return PromptedClassifier.load(folder), AutoTokenizer.from_pretrained(folder / "tokenizer")
+        return PromptedClassifier.load(folder, weights=weights), AutoTokenizer.from_pretrained(folder / "tokenizer")
 
     def save(self, model: Any, processor: Any, folder: Path) -> None:
         model.save(folder, processor)
+
+    def write_bundle(self, ctx: "RunContext", model: Any, processor: Any, folder: Path,
+                     provenance: dict[str, Any]) -> Path:
+        from erc_distill.export.bundle import write_bundle
+
+        return write_bundle(model, processor, ctx.cfg.student_context, folder, provenance=provenance)
 
     def datamodule(self, ctx: "RunContext", model: Any, processor: Any, role: Role, teacher: Any = None) -> Any:
         return ctx.datamodule(processor, getattr(ctx.cfg, f"{role}_context"), getattr(ctx.cfg, f"{role}_train"),
@@ -70,13 +77,19 @@ class AudioModality:
 
         return load_audio_classifier(name, ctx.labels), None
 
-    def load(self, folder: Path) -> tuple[Any, None]:
+    def load(self, folder: Path, weights: bool = True) -> tuple[Any, None]:
         from erc_distill.audio.model import AudioClassifier
 
-        return AudioClassifier.load(folder), None
+        return AudioClassifier.load(folder, weights=weights), None
 
     def save(self, model: Any, processor: Any, folder: Path) -> None:
         model.save(folder)
+
+    def write_bundle(self, ctx: "RunContext", model: Any, processor: Any, folder: Path,
+                     provenance: dict[str, Any]) -> Path:
+        from erc_distill.export.bundle import write_audio_bundle
+
+        return write_audio_bundle(model, folder, provenance=provenance)
 
     def datamodule(self, ctx: "RunContext", model: Any, processor: Any, role: Role, teacher: Any = None) -> Any:
         from erc_distill.audio.data import ClipDataModule

@@ -59,6 +59,9 @@ class ProfileStage(Stage):
             cmd += ["--model-file", model_file] if model_file else []
             cmd += ["--turns", str(p.turns)] if p.turns else []
             cmd += ["--data-dir", ctx.cfg.data_dir] if ctx.cfg.data_dir else []
+            if ctx.cfg.modality == "audio":
+                cmd += ["--max-seconds", str(ctx.cfg.media.max_seconds)]
+                cmd += ["--media-dir", ctx.cfg.media.dir] if ctx.cfg.media.dir else []
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise ExportError(f"profiling {name} failed:\n{done.stderr[-2000:]}")
@@ -68,10 +71,7 @@ class ProfileStage(Stage):
 
     def _teacher_bundle(self, ctx: RunContext) -> None:
         """The teacher as a bundle, for its latency (made once; random weights when they are elsewhere)."""
-        from transformers import AutoTokenizer
-
-        from erc_distill.export.bundle import write_bundle
-        from erc_distill.modeling import PromptedClassifier
+        from erc_distill.modeling import saved_weights_present
 
         folder = ctx.manifest.artifact("teacher", "model")
         target = ctx.out / "teacher_bundle"
@@ -79,11 +79,11 @@ class ProfileStage(Stage):
         source = sha256_file(folder / "head.safetensors") if (folder / "head.safetensors").is_file() else "none"
         if made and (target / ".teacher.sha256").read_text() == source:
             return
-        weights = PromptedClassifier.has_weights(folder)
+        weights = saved_weights_present(folder)
         if not weights:  # e.g. trained on a GPU machine, run folder copied here without the teacher
             ctx.log("teacher weights are not on this machine: timing its architecture, randomly initialised from "
                     "its saved config (latency does not depend on the weights)")
-        write_bundle(PromptedClassifier.load(folder, weights=weights).eval(),
-                     AutoTokenizer.from_pretrained(folder / "tokenizer"), ctx.cfg.teacher_context, target,
-                     provenance={"teacher": str(folder), "weights": "trained" if weights else "random"})
+        model, tok = ctx.modality.load(folder, weights)
+        ctx.modality.write_bundle(ctx, model.eval(), tok, target,
+                                  provenance={"teacher": str(folder), "weights": "trained" if weights else "random"})
         (target / ".teacher.sha256").write_text(source)

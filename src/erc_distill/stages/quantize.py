@@ -59,8 +59,6 @@ class QuantizeStage(Stage):
                          q.qat_epochs if method == "nncf-qat" else None)
 
     def run(self, ctx: RunContext) -> StageResult:
-        from transformers import AutoTokenizer
-
         from erc_distill.export.quantize import QuantCheck, check_failures, check_int8, ort_predictions, quantize
         from erc_distill.runtime.bundle import record_bundle_file
 
@@ -70,8 +68,9 @@ class QuantizeStage(Stage):
             ctx.log("quick run: INT8 checks report the F1 drop and agreement without failing on them")
         export = ctx.manifest.record("export")["artifacts"]
         bundle = Path(export["bundle"])
-        tok = AutoTokenizer.from_pretrained(ctx.manifest.artifact("distill", "model") / "tokenizer")
-        dm = ctx.datamodule(tok, ctx.cfg.student_context, replace(ctx.cfg.student_train, eval_batch_size=8))
+        model, tok = ctx.modality.load(ctx.manifest.artifact("distill", "model"))
+        dm = ctx.modality.datamodule(ctx, model, tok, "student")
+        dm.eval_batch_size = 8
         train = list(dm.eval_dataloader("train"))
         n_batches = max(1, q.calibration_turns // 8)
         calibration = train[:: max(1, len(train) // n_batches)][:n_batches]  # spread over the length range
@@ -126,15 +125,14 @@ class QuantizeStage(Stage):
         import torch
 
         from erc_distill.export.qat import quantize_aware_train
-        from erc_distill.modeling import PromptedClassifier
 
         c = ctx.cfg
         torch.manual_seed(c.student_train.seed)
-        model = PromptedClassifier.load(ctx.manifest.artifact("distill", "model"))
+        model, _ = ctx.modality.load(ctx.manifest.artifact("distill", "model"))
         dm, objective = ctx.student_objective(model, tok)
         train = replace(c.student_train, epochs=c.quantize.qat_epochs,
                         optim=replace(c.student_train.optim, lr=c.student_train.optim.lr / 5))
         ctx.log(f"nncf-qat: {train.epochs} epoch(s) of {objective} at lr {train.optim.lr:g}")
         _, reference = quantize_aware_train(model, objective, dm, calibration, train, ctx.out / "qat" / f"train-{key}",
-                                            onnx_path, tok.pad_token_id or 0, ctx.progress, reference_batches=dev)
+                                            onnx_path, getattr(tok, "pad_token_id", None) or 0, ctx.progress, reference_batches=dev)
         return reference
