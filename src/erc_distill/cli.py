@@ -281,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="live conversations kept (least recently used evicted)")
     p.add_argument("--idle-ttl", type=_positive_float, default=3600.0,
                    help="seconds before an idle conversation is forgotten")
+    p.add_argument("--audio-bundle", type=Path, default=None,
+                   help="an exported audio bundle: turns may then carry 'pcm16' or 'audio_path'")
+    p.add_argument("--max-audio-seconds", type=_positive_float, default=30.0,
+                   help="longer clips keep their first seconds (the cut is reported)")
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("serve", help="HTTP + WebSocket inference server on an exported bundle (the serve extra)")
@@ -447,13 +451,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    """stdin: ``{"conversation": ID, "speaker": S, "text": T}`` per line; stdout: one JSON line per input line,
-    a prediction or ``{"error": ...}`` (a bad line never stops the stream); a summary on stderr at the end."""
-    from erc_distill.runtime import Bundle, StreamingRecognizer
+    """stdin: ``{"conversation": ID, "speaker": S, "text": T}`` per line (with ``--audio-bundle`` also
+    ``"pcm16"`` + ``"sample_rate"`` or ``"audio_path"``); stdout: one JSON line per input line, a
+    prediction or ``{"error": ...}`` (a bad line never stops the stream); a summary on stderr at the end."""
+    from erc_distill.runtime import AudioBundle, Bundle, StreamingRecognizer
     from erc_distill.runtime.stream import serve_lines
 
+    audio = None if args.audio_bundle is None else AudioBundle.load(args.audio_bundle, threads=args.threads)
     recognizer = StreamingRecognizer(Bundle.load(args.bundle, threads=args.threads), max_text_chars=args.max_text_chars,
-                                     max_conversations=args.max_conversations, idle_ttl_s=args.idle_ttl)
+                                     max_conversations=args.max_conversations, idle_ttl_s=args.idle_ttl,
+                                     audio_bundle=audio, max_audio_seconds=args.max_audio_seconds)
 
     def write(line: str) -> None:
         sys.stdout.write(line + "\n")

@@ -64,7 +64,9 @@ def pareto_front(variants: list[Variant]) -> set[str]:
 
 def _rows(variants: list[Variant], front: set[str]) -> list[list[str]]:
     teacher = next((v for v in variants if v.name == "teacher-fp32"), None)
-    rows = [["variant", "test wF1", "macro F1", "acc", "% of teacher", "p50 ms", "p99 ms", "turns/s",
+    audio = any((v.profile or {}).get("mean_seconds") is not None for v in variants)
+    rows = [["variant", "test wF1", "macro F1", "acc", "% of teacher", "p50 ms", "p99 ms",
+             "clips/s" if audio else "turns/s",
              "speed-up vs teacher", "MB", "params", "budget", "Pareto"]]
     for v in sorted(variants, key=lambda v: (v.p99 is None, -(v.p99 or 0))):
         p = v.profile or {}

@@ -4,6 +4,11 @@ Each conversation keeps its rolling context (:class:`StreamingContext`: every tu
 ``push`` builds turn t's input from turns <= t, runs the bundle's graph, and returns the label, the
 probabilities and the latency (build + tokenize + inference).
 
+With an audio bundle (:class:`~erc_distill.runtime.AudioBundle`) a turn may carry its speech: ``push``
+then also classifies the clip (decode + log-mel + the audio graph) and the prediction carries that
+answer in ``audio``. A clip that cannot be used (missing file, undecodable, too short) is masked for
+the turn: the text prediction still comes, with ``audio_error`` saying why.
+
 A recognizer runs for hours on whatever it is fed, so it is bounded: a text longer than
 ``max_text_chars`` is rejected (:class:`~erc_distill.errors.DataError`; the caller decides whether to
 cut it and retry), at most ``max_conversations`` contexts are kept (the least recently used one is
@@ -15,8 +20,13 @@ leaves its conversation exactly as it was.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import binascii
 import json
+import math
 import time
+from pathlib import Path
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -32,6 +42,24 @@ MAX_NAME_CHARS = 200
 """Default cap on a speaker name and a conversation id (characters)."""
 
 
+MIN_AUDIO_SAMPLES = 400
+"""Shortest clip classified (25 ms at 16 kHz: one analysis window); a shorter one is masked."""
+
+
+@dataclass(frozen=True)
+class AudioPrediction:
+    """The audio bundle's answer for one turn's clip."""
+
+    label: str
+    probabilities: dict[str, float]
+    latency_ms: float
+    """Log-mel features + the audio graph (decoding a file or PCM happens before, in the caller)."""
+    seconds: float
+    """Length of the clip classified (after any cut)."""
+    cut_seconds: float = 0.0
+    """How much of the clip ``max_audio_seconds`` dropped."""
+
+
 @dataclass(frozen=True)
 class Prediction:
     conversation: str
@@ -42,6 +70,10 @@ class Prediction:
     latency_ms: float
     tokens: int
     """Length of the built input."""
+    audio: AudioPrediction | None = None
+    """The audio bundle's answer when the turn came with a usable clip."""
+    audio_error: str | None = None
+    """Why the turn's clip was masked (missing, unreadable, too short), when it was."""
 
 
 def _check_text(value: Any, field: str, limit: int, setting: str) -> str:
@@ -66,13 +98,18 @@ class StreamingRecognizer:
     forgotten (checked on each :meth:`push`; None: never); ``clock``: seconds, monotonic (a fake one in
     tests); ``max_name_chars``: longest speaker name and conversation id.
 
+    ``audio_bundle``: an :class:`~erc_distill.runtime.AudioBundle` that classifies the clip a turn may
+    carry; ``max_audio_seconds``: longer clips keep their first ``max_audio_seconds`` (the cut is
+    reported in :attr:`AudioPrediction.cut_seconds`, never silent).
+
     ``evicted`` and ``expired`` count the conversations dropped by each bound, ``ended`` those closed
     with :meth:`end`; :meth:`stats` returns them with the number open.
     """
 
     def __init__(self, bundle: Bundle, max_text_chars: int = 2000, max_conversations: int = 1000,
                  idle_ttl_s: float | None = 3600.0, clock: Callable[[], float] = time.monotonic, *,
-                 max_name_chars: int = MAX_NAME_CHARS) -> None:
+                 max_name_chars: int = MAX_NAME_CHARS, audio_bundle: Any = None,
+                 max_audio_seconds: float = 30.0) -> None:
         if max_text_chars < 1:
             raise ValueError(f"max_text_chars must be >= 1, got {max_text_chars}")
         if max_conversations < 1:
@@ -81,7 +118,13 @@ class StreamingRecognizer:
             raise ValueError(f"idle_ttl_s must be > 0 or None, got {idle_ttl_s}")
         if max_name_chars < 1:
             raise ValueError(f"max_name_chars must be >= 1, got {max_name_chars}")
+        if not max_audio_seconds > 0:
+            raise ValueError(f"max_audio_seconds must be > 0, got {max_audio_seconds}")
+        if audio_bundle is not None and getattr(audio_bundle, "modality", None) != "audio":
+            raise ValueError(f"audio_bundle must be an AudioBundle, got {type(audio_bundle).__name__}")
         self.bundle = bundle
+        self.audio_bundle = audio_bundle
+        self.max_audio_seconds = float(max_audio_seconds)
         self.builder = bundle.builder()
         self.max_text_chars = max_text_chars
         self.max_conversations = max_conversations
@@ -173,14 +216,75 @@ class StreamingRecognizer:
         """Undo a prepared turn: its conversation's context is as it was before :meth:`prepare`."""
         turn.undo(turn.context)
 
-    def push(self, speaker: str, text: str, conversation: str = "default") -> Prediction:
+    def classify_audio(self, audio: Any) -> AudioPrediction:
+        """The audio bundle's answer for one clip: an :class:`~erc_distill.media.AudioClip` (at any
+        rate: it must be 16 kHz) or mono float samples at 16 kHz in [-1, 1].
+
+        Raises :class:`DataError` (``field="audio"``) when there is no audio bundle or the samples are
+        not a 1-D float array, and :class:`~erc_distill.media.MediaError` for a clip too short to
+        classify (under :data:`MIN_AUDIO_SAMPLES`) or holding non-finite samples.
+        """
+        from erc_distill.media.audio import TARGET_RATE, AudioClip, MediaError
+
+        if self.audio_bundle is None:
+            raise DataError("this recognizer has no audio bundle (pass audio_bundle=, or --audio-bundle to "
+                            "erc-distill stream)", field="audio")
+        start = time.perf_counter()
+        cut = 0.0
+        if isinstance(audio, AudioClip):
+            if audio.sample_rate != TARGET_RATE:
+                raise DataError(f"the clip is at {audio.sample_rate} Hz; the audio bundle reads {TARGET_RATE} Hz "
+                                "(load it with load_audio, which resamples)", field="audio")
+            samples, cut = audio.samples, audio.cut_seconds
+        elif isinstance(audio, np.ndarray):
+            if audio.ndim != 1 or audio.dtype.kind != "f":
+                raise DataError(f"expected mono float samples (one dimension), got a {audio.dtype} array of shape "
+                                f"{audio.shape}", field="audio")
+            samples = audio
+        else:
+            raise DataError(f"expected an AudioClip or a float numpy array, got {type(audio).__name__}", field="audio")
+        keep = int(self.max_audio_seconds * TARGET_RATE)
+        if len(samples) > keep:
+            cut += (len(samples) - keep) / TARGET_RATE
+            samples = samples[:keep]
+        if len(samples) < MIN_AUDIO_SAMPLES:
+            raise MediaError(f"the clip has {len(samples)} samples; at least {MIN_AUDIO_SAMPLES} "
+                             f"({1000 * MIN_AUDIO_SAMPLES / TARGET_RATE:g} ms) are needed", file="<audio>")
+        samples = np.asarray(samples, dtype=np.float32)
+        if not np.isfinite(samples).all():
+            raise MediaError("the clip holds non-finite samples", file="<audio>")
+        p = self.audio_bundle.probabilities([samples])[0]
+        labels = self.audio_bundle.labels
+        return AudioPrediction(labels[int(p.argmax())], {label: float(v) for label, v in zip(labels, p)},
+                               1000 * (time.perf_counter() - start), len(samples) / TARGET_RATE, cut)
+
+    def push(self, speaker: str, text: str, conversation: str = "default", audio: Any = None) -> Prediction:
         """Classify the next turn of ``conversation`` (a new id starts a new conversation).
 
         Raises :class:`DataError` for a turn that fails :meth:`check_turn` or whose input cannot be
         built (e.g. a speaker name too long for the prompt); the conversation is then left unchanged.
         Empty text is a valid turn (a non-verbal or inaudible one): the model still sees the speaker
         and the context, exactly as the offline builder does.
+
+        ``audio``: the turn's speech, as :meth:`classify_audio` takes it (needs an audio bundle); a
+        clip that cannot be classified is masked (:attr:`Prediction.audio_error` says why) and the
+        text prediction still comes.
         """
+        from erc_distill.media.audio import MediaError
+
+        audio_prediction, audio_error = None, None
+        if audio is not None:
+            self.check_turn(speaker, text, conversation)  # a bad turn costs no audio inference
+            try:
+                audio_prediction = self.classify_audio(audio)
+            except MediaError as err:
+                audio_error = str(err)
+        prediction = self._push_text(speaker, text, conversation)
+        if audio is None:
+            return prediction
+        return dataclasses.replace(prediction, audio=audio_prediction, audio_error=audio_error)
+
+    def _push_text(self, speaker: str, text: str, conversation: str) -> Prediction:
         turn = self.prepare(speaker, text, conversation)
         try:
             p = self.bundle.probabilities([turn.input])[0]
@@ -263,6 +367,19 @@ LINE_OVERHEAD_BYTES = 4096
 """Room for the keys, the speaker and the conversation id."""
 
 
+PCM_RATE_FOR_LIMIT = 48_000
+"""The line limit leaves room for ``max_audio_seconds`` of base64 PCM at up to this rate."""
+
+
+def default_line_limit(recognizer: StreamingRecognizer) -> int:
+    """Longest line :func:`serve_lines` parses: any text under ``max_text_chars`` however it is escaped,
+    plus, with an audio bundle, ``max_audio_seconds`` of 48 kHz PCM16 in base64 (4 bytes per 3)."""
+    limit = LINE_BYTES_PER_CHAR * recognizer.max_text_chars + LINE_OVERHEAD_BYTES
+    if recognizer.audio_bundle is not None:
+        limit += 4 * math.ceil(2 * PCM_RATE_FOR_LIMIT * recognizer.max_audio_seconds / 3)
+    return limit
+
+
 def _bounded_lines(lines: Iterable[str | bytes], limit: int) -> Iterator[tuple[str | bytes | None, int, str]]:
     """``(line, size, unit)``; ``line`` is None for a line over ``limit`` ``unit`` s (bytes, or
     characters for text lines).
@@ -311,6 +428,14 @@ def serve_lines(recognizer: StreamingRecognizer, lines: Iterable[str | bytes], w
     (``{"conversation": ID, "end": true}``) it answers ``{"conversation": ID, "ended": BOOL}`` (whether
     it was open); with a turn, the turn is classified first and its prediction carries ``"ended"``.
 
+    With an audio bundle (``recognizer.audio_bundle``) a turn may carry its speech, one of:
+    ``"pcm16"``: base64 of 16-bit little-endian mono PCM, with ``"sample_rate"`` (an integer, default
+    16000; other rates are resampled), or ``"audio_path"``: a file the media layer reads (wav, flac,
+    mp4, ...). Its prediction then carries ``"audio": {"label", "probabilities", "latency_ms",
+    "seconds", "cut_seconds"}`` (latency: decode + features + graph), or ``"audio": {"error": ...}``
+    when the clip is masked (a missing or unreadable file, too short). A line with audio to a stream
+    without an audio bundle, both keys, or a malformed ``pcm16`` / ``sample_rate`` is a line error.
+
     Output, through ``write`` (called with one JSON text per line, without the newline):
     ``{"conversation", "turn", "speaker", "label", "probabilities", "latency_ms"}`` per turn, or
     ``{"error": "line N: ...", "line": N}`` for a line that cannot be used: not UTF-8, not JSON, not
@@ -328,9 +453,10 @@ def serve_lines(recognizer: StreamingRecognizer, lines: Iterable[str | bytes], w
     "open"}`` (``evicted``/``expired``: conversations dropped by the recognizer's bounds during this
     call; ``open``: conversations open at the end).
     """
-    limit = max_line_bytes if max_line_bytes is not None else (
-        LINE_BYTES_PER_CHAR * recognizer.max_text_chars + LINE_OVERHEAD_BYTES)
+    limit = max_line_bytes if max_line_bytes is not None else default_line_limit(recognizer)
     summary = {"lines": 0, "blank": 0, "predictions": 0, "errors": 0, "ended": 0}
+    if recognizer.audio_bundle is not None:
+        summary.update(audio=0, audio_masked=0)
     evicted, expired = recognizer.evicted, recognizer.expired
     number = 0
     for raw, size, unit in _bounded_lines(lines, limit):
@@ -354,6 +480,8 @@ def serve_lines(recognizer: StreamingRecognizer, lines: Iterable[str | bytes], w
         else:
             summary["predictions"] += "label" in out
             summary["ended"] += bool(out.get("ended"))
+            if "audio" in out:
+                summary["audio_masked" if "error" in out["audio"] else "audio"] += 1
         write(json.dumps(out))
     summary.update(evicted=recognizer.evicted - evicted, expired=recognizer.expired - expired,
                    open=len(recognizer.conversations))
@@ -391,10 +519,64 @@ def _serve_one(recognizer: StreamingRecognizer, raw: str | bytes, number: int) -
     for key in ("speaker", "text"):
         if key not in turn:
             raise DataError(f"missing {key!r}")
-    p = recognizer.push(turn["speaker"], turn["text"], conversation)
+    audio, decode_ms, audio_error = _turn_audio(recognizer, turn)
+    p = recognizer.push(turn["speaker"], turn["text"], conversation, audio=audio)  # masked clip: text only
     out: dict[str, Any] = {"conversation": p.conversation, "turn": p.turn, "speaker": p.speaker, "label": p.label,
-                           "probabilities": {k: round(v, 6) for k, v in p.probabilities.items()},
-                           "latency_ms": round(p.latency_ms, 3)}
+                           "probabilities": _rounded(p.probabilities), "latency_ms": round(p.latency_ms, 3)}
+    if p.audio is not None:
+        a = p.audio
+        out["audio"] = {"label": a.label, "probabilities": _rounded(a.probabilities),
+                        "latency_ms": round(a.latency_ms + decode_ms, 3), "seconds": round(a.seconds, 4),
+                        "cut_seconds": round(a.cut_seconds, 4)}
+    elif audio_error is not None or p.audio_error is not None:
+        out["audio"] = {"error": audio_error or p.audio_error}
     if end:
         out["ended"] = recognizer.end(p.conversation)
     return out
+
+
+def _rounded(probabilities: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 6) for k, v in probabilities.items()}
+
+
+def _turn_audio(recognizer: StreamingRecognizer, turn: dict[str, Any]) -> tuple[Any, float, str | None]:
+    """``(clip or None, decode milliseconds, masked reason or None)`` for a line's ``pcm16`` / ``audio_path``.
+
+    A malformed field is a :class:`DataError` (the line fails); a clip that cannot be decoded is
+    masked (its reason returned), since the turn's text can still be classified."""
+    keys = [k for k in ("pcm16", "audio_path") if k in turn]
+    if not keys:
+        if "sample_rate" in turn:
+            raise DataError("given without 'pcm16'", field="sample_rate")
+        return None, 0.0, None
+    if len(keys) == 2:
+        raise DataError("give the turn's audio as 'pcm16' or as 'audio_path', not both", field="pcm16")
+    key = keys[0]
+    if recognizer.audio_bundle is None:
+        raise DataError("this stream has no audio bundle; start it with --audio-bundle", field=key)
+    if not isinstance(turn[key], str):
+        raise DataError(f"must be a string, got {json_type(turn[key])}", field=key)
+    from erc_distill.media.audio import MediaError, audio_from_pcm16, load_audio
+
+    start = time.perf_counter()
+    if key == "pcm16":
+        rate = turn.get("sample_rate", 16000)
+        if isinstance(rate, bool) or not isinstance(rate, int) or not 1000 <= rate <= 384_000:
+            raise DataError(f"must be an integer from 1000 to 384000 (Hz), got {rate!r}"[:200], field="sample_rate")
+        try:
+            data = base64.b64decode(turn[key], validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise DataError(f"not base64 ({err})", field=key) from None
+        make = lambda: audio_from_pcm16(data, rate, max_seconds=recognizer.max_audio_seconds)  # noqa: E731
+    else:
+        if "sample_rate" in turn:
+            raise DataError("only with 'pcm16' (a file says its own rate)", field="sample_rate")
+        path = Path(turn[key]).expanduser()
+        make = lambda: load_audio(path, max_seconds=recognizer.max_audio_seconds)  # noqa: E731
+    try:
+        clip = make()
+    except MediaError as err:
+        return None, 0.0, str(err)
+    except ImportError as err:  # a file needs the audio extra (soundfile / PyAV)
+        return None, 0.0, f"cannot decode {turn[key]!r}: {err}"
+    return clip, 1000 * (time.perf_counter() - start), None
