@@ -22,7 +22,7 @@ import platform
 import resource
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -200,14 +200,7 @@ def profile_bundle(bundle_dir: str | Path, device: DeviceProfile, dialogues: Seq
 
         for step in steps[:warmup_steps]:
             call(step, "warmup/")
-        start = time.perf_counter()
-        for step in timed:
-            t0 = time.perf_counter()
-            lengths = call(step)
-            latencies.append(1000 * (time.perf_counter() - t0))
-            widths.append(max(lengths))
-            tokens.extend(lengths)
-        wall = time.perf_counter() - start
+        wall = _time_calls(timed, call, latencies, widths, tokens)
     lat = np.array(latencies)
     p99 = float(np.percentile(lat, 99))
     rss = peak_rss_mb()
@@ -240,6 +233,20 @@ def profile_bundle(bundle_dir: str | Path, device: DeviceProfile, dialogues: Seq
     )
 
 
+def _time_calls(calls: Sequence[Any], run: Callable[[Any], list[Any]], latencies: list[float], widths: list[Any],
+                sizes: list[Any]) -> float:
+    """Run each call, appending its milliseconds to ``latencies``, its longest input to ``widths`` and every
+    input's size (tokens or seconds, as ``run`` returns them) to ``sizes``; returns the wall seconds."""
+    start = time.perf_counter()
+    for call in calls:
+        t0 = time.perf_counter()
+        lengths = run(call)
+        latencies.append(1000 * (time.perf_counter() - t0))
+        widths.append(max(lengths))
+        sizes.extend(lengths)
+    return time.perf_counter() - start
+
+
 def profile_audio_bundle(bundle_dir: str | Path, device: DeviceProfile, clips: Sequence[Any],
                          model_file: str | None = None, warmup: int = 20, max_clips: int | None = None,
                          variant: str | None = None, max_seconds: float | None = None) -> ProfileResult:
@@ -269,15 +276,10 @@ def profile_audio_bundle(bundle_dir: str | Path, device: DeviceProfile, clips: S
 
     for i in range(0, warmup, device.batch):
         run(clips[i : min(i + device.batch, warmup)])
-    latencies, widths, seconds = [], [], []
-    start = time.perf_counter()
-    for call in calls:
-        t0 = time.perf_counter()
-        lengths = run(call)
-        latencies.append(1000 * (time.perf_counter() - t0))
-        widths.append(max(lengths))
-        seconds.extend(lengths)
-    wall = time.perf_counter() - start
+    latencies: list[float] = []
+    widths: list[float] = []
+    seconds: list[float] = []
+    wall = _time_calls(calls, run, latencies, widths, seconds)
     lat = np.array(latencies)
     p99 = float(np.percentile(lat, 99))
     edges = (0.0, *AUDIO_SECONDS)
