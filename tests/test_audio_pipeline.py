@@ -255,3 +255,51 @@ def test_audio_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(args) == 0  # a rerun finds every stage done
     rerun = capsys.readouterr()
     assert (rerun.out + rerun.err).count("up to date") == 8, rerun.out + rerun.err
+
+
+def test_a_shallower_student_keeps_its_lowest_layers(tmp_path, monkeypatch):
+    """``--student-layers N`` (student_train.keep_layers): the lowest N encoder layers, saved and loaded at
+    that depth, exported; more than the encoder has is a ConfigError naming the flag; the default
+    leaves every existing stage key as it was."""
+    from types import SimpleNamespace
+
+    from erc_distill.audio.model import AudioClassifier
+    from erc_distill.config import Setting, build_config
+    from erc_distill.export.bundle import write_audio_bundle
+    from erc_distill.modeling import load_encoder
+    from erc_distill.stages.base import stage_key
+    from erc_distill.stages.modality import AudioModality, new_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+    def cfg(**pairs):
+        return build_config([Setting(n, v, "command line", "--" + n) for n, v in
+                             {"data": "ravdess", "teacher": "tiny-whisper", "student": "tiny-whisper", **pairs}.items()])
+
+    two = cfg()
+    one = cfg(student_layers=1)
+    assert one.student_train.keep_layers == 1 and one.teacher_train.keep_layers is None
+    assert stage_key(two.student_train) != stage_key(one.student_train)
+    assert stage_key({"a": 1, "keep_layers": None}) == stage_key({"a": 1})  # old keys stay valid
+
+    full, _ = new_model(SimpleNamespace(cfg=two, modality=AudioModality(), labels=LABELS), "tiny-whisper", "student")
+    model, _ = new_model(SimpleNamespace(cfg=one, modality=AudioModality(), labels=LABELS), "tiny-whisper", "student")
+    assert (full.num_layers, model.num_layers) == (2, 1)
+    assert torch.equal(model.encoder.model.layers[0].fc1.weight, full.encoder.model.layers[0].fc1.weight)
+    model.eval().save(tmp_path / "m")
+    back = AudioClassifier.load(tmp_path / "m").eval()
+    clips = [tone(0.4), tone(0.7)]
+    with torch.no_grad():
+        assert back.num_layers == 1 and torch.equal(back(*back.prepare(clips)).logits, model(*model.prepare(clips)).logits)
+    bundle = AudioBundle.load(write_audio_bundle(model, tmp_path / "b"))
+    with torch.no_grad():
+        assert np.abs(bundle.logits(clips) - model(*model.prepare(clips)).logits.numpy()).max() < 1e-4
+
+    with pytest.raises(ConfigError, match="3 layers to keep, but tiny-whisper has 2") as err:
+        new_model(SimpleNamespace(cfg=cfg(student_layers=3), modality=AudioModality(), labels=LABELS),
+                  "tiny-whisper", "student")
+    assert err.value.field == "--student-train.keep-layers"
+
+    text, _ = load_encoder("tiny", ("a", "b", "c"))
+    depth = text.num_layers
+    assert text.keep_lower(1) == depth - 1 and text.num_layers == 1 and len(text.layer_groups()) == 3

@@ -93,6 +93,8 @@ class TrainConfig:
     accumulate: int = opt(1, "gradient accumulation steps", ge=1, le=4096)
     optim: OptimConfig = opt(factory=OptimConfig)
     freeze_layers: int = opt(0, "freeze the embeddings and this many lowest encoder layers", ge=0)
+    keep_layers: int | None = opt(None, "keep only the encoder's lowest N layers, dropping the rest before training "
+                                        "(a shallower, faster model, as DistilHuBERT; default: all)", ge=1)
     patience: int = opt(2, "early stopping: dev evaluations without improvement", ge=1)
     seed: int = opt(0, "random seed (head init, shuffling, dropout)", ge=0, lt=2**32)
     max_steps: int = opt(-1, "stop after this many optimizer steps (-1: no limit)", check=_check_max_steps)
@@ -295,6 +297,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "layer_decay": ("student_train.optim.layer_decay",),
     "teacher_layer_decay": ("teacher_train.optim.layer_decay",),
     "freeze_teacher_layers": ("teacher_train.freeze_layers",),
+    "student_layers": ("student_train.keep_layers",),
     "batch_size": ("student_train.batch_size", "teacher_train.batch_size"),
     "eval_batch_size": ("student_train.eval_batch_size", "teacher_train.eval_batch_size"),
     "accumulate": ("student_train.accumulate", "teacher_train.accumulate"),

@@ -108,6 +108,10 @@ class PromptedClassifier(nn.Module):
         rest = [p for p in self.parameters() if id(p) not in taken]
         return [embeddings, *[list(layer.parameters()) for layer in layers], rest]
 
+    def keep_lower(self, n_layers: int) -> int:
+        """Keep only the encoder's lowest ``n_layers`` layers (:func:`keep_lower_layers`)."""
+        return keep_lower_layers(self.encoder, n_layers)
+
     def freeze_lower(self, n_layers: int) -> int:
         """Freeze the embeddings and the lowest ``n_layers`` layers; returns the frozen parameter count."""
         frozen = 0
@@ -156,6 +160,22 @@ class PromptedClassifier(nn.Module):
 
 
 def _encoder_layers(encoder: nn.Module) -> list[nn.Module]:
+    return list(_layer_list(encoder))
+
+
+def keep_lower_layers(encoder: nn.Module, n_layers: int) -> int:
+    """Drop every layer of a transformers ``encoder`` above its lowest ``n_layers`` (the config follows,
+    so the model saves and loads at its new depth); returns how many were dropped."""
+    layers = _layer_list(encoder)
+    if not 1 <= n_layers <= len(layers):
+        raise ValueError(f"cannot keep {n_layers} layers of {len(layers)}")
+    dropped = len(layers) - n_layers
+    del layers[n_layers:]
+    encoder.config.num_hidden_layers = n_layers  # Whisper maps it to encoder_layers
+    return dropped
+
+
+def _layer_list(encoder: nn.Module) -> nn.ModuleList:
     for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
         obj: Any = encoder
         try:
@@ -164,7 +184,7 @@ def _encoder_layers(encoder: nn.Module) -> list[nn.Module]:
         except AttributeError:
             continue
         if isinstance(obj, nn.ModuleList):
-            return list(obj)
+            return obj
     raise ValueError(f"cannot find the layer list of {type(encoder).__name__}")
 
 

@@ -133,6 +133,13 @@ class AudioClassifier(nn.Module):
         rest = [p for p in self.parameters() if id(p) not in taken]
         return [embeddings, *layers, rest]
 
+    def keep_lower(self, n_layers: int) -> int:
+        """Keep only the encoder's lowest ``n_layers`` layers (a 2-layer Whisper-tiny student, say);
+        returns how many were dropped."""
+        from erc_distill.modeling import keep_lower_layers
+
+        return keep_lower_layers(self.encoder.model, n_layers)
+
     def freeze_lower(self, n_layers: int) -> int:
         """Freeze everything below the layers and the lowest ``n_layers`` layers; returns the frozen
         parameter count (those that were trainable)."""

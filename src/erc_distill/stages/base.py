@@ -34,15 +34,21 @@ CACHE_ENV = "ERC_DISTILL_CACHE"
 #: Settings that cannot change a result, left out of every key.
 NOT_IN_KEY = {"accelerator", "devices", "strategy", "checkpoint_every_n_steps", "eval_batch_size", "data_dir"}
 
+#: Settings added after keys were first handed out, left out of a key while at this default value: a
+#: newer erc-distill still finds the teachers, caches and students an older one made.
+KEY_FROM_NON_DEFAULT = {"keep_layers": None}
+
 
 def stage_key(*parts: Any) -> str:
-    """Stable 16-hex hash of config parts (dataclasses as dicts, settings in NOT_IN_KEY left out)."""
+    """Stable 16-hex hash of config parts (dataclasses as dicts, settings in NOT_IN_KEY left out, and those
+    of KEY_FROM_NON_DEFAULT while at their default)."""
 
     def clean(x: Any) -> Any:
         if is_dataclass(x) and not isinstance(x, type):
             x = asdict(x)
         if isinstance(x, dict):
-            return {k: clean(v) for k, v in sorted(x.items()) if k not in NOT_IN_KEY}
+            return {k: clean(v) for k, v in sorted(x.items()) if k not in NOT_IN_KEY
+                    and not (k in KEY_FROM_NON_DEFAULT and v == KEY_FROM_NON_DEFAULT[k])}
         if isinstance(x, (list, tuple)):
             return [clean(v) for v in x]
         return x

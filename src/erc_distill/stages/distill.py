@@ -8,6 +8,7 @@ from dataclasses import asdict
 from erc_distill.atomic import atomic_dir
 from erc_distill.errors import ConfigError
 from erc_distill.stages.base import RunContext, Stage, StageResult, params, stage_key
+from erc_distill.stages.modality import new_model
 
 
 class DistillStage(Stage):
@@ -28,7 +29,7 @@ class DistillStage(Stage):
 
         c, key = ctx.cfg, self.key(ctx)
         torch.manual_seed(c.student_train.seed)
-        model, tok = ctx.modality.new_model(ctx, c.student, "student")
+        model, tok = new_model(ctx, c.student, "student")
         if c.student_train.freeze_layers > model.num_layers:
             raise ConfigError(f"{c.student_train.freeze_layers} layers to freeze, but {c.student} has "
                               f"{model.num_layers}", field="--student-train.freeze-layers")

@@ -110,5 +110,19 @@ class AudioModality:
         return int(config.get("encoder_layers") or config["num_hidden_layers"])
 
 
+def new_model(ctx: "RunContext", name: str, role: Role) -> tuple[Any, Any]:
+    """``ctx.modality.new_model``, then the role's ``keep_layers`` (a shallower model) applied and checked."""
+    from erc_distill.errors import ConfigError
+
+    model, processor = ctx.modality.new_model(ctx, name, role)
+    keep = getattr(ctx.cfg, f"{role}_train").keep_layers
+    if keep is not None:
+        if keep > model.num_layers:
+            raise ConfigError(f"{keep} layers to keep, but {name} has {model.num_layers}",
+                              field=f"--{role}-train.keep-layers")
+        model.keep_lower(keep)
+    return model, processor
+
+
 def modality_of(name: str) -> TextModality | AudioModality:
     return AudioModality() if name == "audio" else TextModality()

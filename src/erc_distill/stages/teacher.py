@@ -15,6 +15,7 @@ from pathlib import Path
 from erc_distill.atomic import atomic_dir, sha256_tree
 from erc_distill.errors import ConfigError
 from erc_distill.stages.base import RunContext, Stage, StageResult, params, stage_key
+from erc_distill.stages.modality import new_model
 
 
 def teacher_dir(ctx: RunContext, key: str) -> Path:
@@ -62,7 +63,7 @@ class TeacherStage(Stage):
                 shutil.rmtree(model_dir)
         c = ctx.cfg
         torch.manual_seed(c.teacher_train.seed)  # the head's initialisation follows the seed too
-        model, tok = ctx.modality.new_model(ctx, c.teacher, "teacher")
+        model, tok = new_model(ctx, c.teacher, "teacher")
         if c.teacher_train.freeze_layers > model.num_layers:
             raise ConfigError(f"{c.teacher_train.freeze_layers} layers to freeze, but {c.teacher} has "
                               f"{model.num_layers}", field="--freeze-teacher-layers")
