@@ -217,8 +217,8 @@ class StreamingRecognizer:
         turn.undo(turn.context)
 
     def classify_audio(self, audio: Any) -> AudioPrediction:
-        """The audio bundle's answer for one clip: an :class:`~erc_distill.media.AudioClip` (at any
-        rate: it must be 16 kHz) or mono float samples at 16 kHz in [-1, 1].
+        """The audio bundle's answer for one clip: a 16 kHz :class:`~erc_distill.media.AudioClip`
+        (:func:`~erc_distill.media.load_audio` resamples to it) or mono float samples at 16 kHz in [-1, 1].
 
         Raises :class:`DataError` (``field="audio"``) when there is no audio bundle or the samples are
         not a 1-D float array, and :class:`~erc_distill.media.MediaError` for a clip too short to
@@ -254,6 +254,10 @@ class StreamingRecognizer:
         if not np.isfinite(samples).all():
             raise MediaError("the clip holds non-finite samples", file="<audio>")
         p = self.audio_bundle.probabilities([samples])[0]
+        if not np.isfinite(p).all():
+            bundle = self.audio_bundle
+            raise BundleError(f"{bundle.folder / bundle.model_file}: the graph returned non-finite logits for a "
+                              f"{len(samples) / TARGET_RATE:.2f} s clip")
         labels = self.audio_bundle.labels
         return AudioPrediction(labels[int(p.argmax())], {label: float(v) for label, v in zip(labels, p)},
                                1000 * (time.perf_counter() - start), len(samples) / TARGET_RATE, cut)
