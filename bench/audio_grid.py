@@ -53,8 +53,10 @@ def summarise(out: Path, seeds: list[int], methods: list[str]) -> dict:
 
     def add(row: str, seed: int, m: dict) -> None:
         test = m["test"]
-        r = rows.setdefault(row, {"seeds": [], "weighted_f1": [], "accuracy": [], "per_class_f1": []})
+        r = rows.setdefault(row, {"seeds": [], "weighted_f1": [], "accuracy": [], "per_class_f1": [],
+                                  "dev_weighted_f1": []})
         r["seeds"].append(seed)
+        r["dev_weighted_f1"].append(100 * m["dev"]["weighted_f1"])
         r["weighted_f1"].append(100 * test["weighted_f1"])
         r["accuracy"].append(100 * test["accuracy"])
         r["per_class_f1"].append({k: 100 * v for k, v in test["per_class"].items()})
@@ -72,8 +74,9 @@ def summarise(out: Path, seeds: list[int], methods: list[str]) -> dict:
         for variant in ("float", *(f"int8-{x}" for x in methods)):
             a, b = (rows.get(f"{arm} {variant}", {}) for arm in ARMS)
             if seed in a.get("seeds", []) and seed in b.get("seeds", []):
-                d = a["weighted_f1"][a["seeds"].index(seed)] - b["weighted_f1"][b["seeds"].index(seed)]
-                paired.setdefault(variant, {})[seed] = round(d, 2)
+                for split, key in (("", "weighted_f1"), (" (dev)", "dev_weighted_f1")):
+                    d = a[key][a["seeds"].index(seed)] - b[key][b["seeds"].index(seed)]
+                    paired.setdefault(variant + split, {})[seed] = round(d, 2)
     first = seeds[0]
     speed = {**{f"distilled {k}": v for k, v in profiles(out / f"distilled-s{first}").items()},
              **{f"ce-only {k}": v for k, v in profiles(out / f"ce-only-s{first}").items()}}
@@ -83,13 +86,14 @@ def summarise(out: Path, seeds: list[int], methods: list[str]) -> dict:
 
 def markdown(summary: dict) -> str:
     labels = summary["labels"]
-    lines = ["| model | seeds | test wF1 | test acc | " + " | ".join(labels) + " |",
-             "|---|---|---|---|" + "---|" * len(labels)]
+    lines = ["| model | seeds | test wF1 | test acc | dev wF1 | " + " | ".join(labels) + " |",
+             "|---|---|---|---|---|" + "---|" * len(labels)]
     for name, r in summary["rows"].items():
         per_class = [mean_std([x[label] for x in r["per_class_f1"]]) for label in labels]
         lines.append(f"| {name} | {len(r['seeds'])} | {mean_std(r['weighted_f1'])} | {mean_std(r['accuracy'])} | "
+                     f"{mean_std(r['dev_weighted_f1'])} | "
                      + " | ".join(per_class) + " |")
-    lines += ["", "Distilled − CE-only, test weighted F1 (points), paired by seed:", ""]
+    lines += ["", "Distilled − CE-only, weighted F1 (points; test unless marked dev), paired by seed:", ""]
     for variant, by_seed in summary["paired"].items():
         diffs = list(by_seed.values())
         spread = f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
