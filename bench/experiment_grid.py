@@ -56,6 +56,8 @@ class Job:
     name: str
     args: list[str]
     after: list[str] = field(default_factory=list)
+    priority: int = 0
+    """Lower starts first when several jobs are ready (then in the order they were added)."""
     proc: subprocess.Popen | None = None
     start: float = 0.0
     wall_s: float | None = None
@@ -68,8 +70,8 @@ class Grid:
         self.jobs: dict[str, Job] = {}
         (out / "logs").mkdir(parents=True, exist_ok=True)
 
-    def add(self, name: str, args: list[str], after: list[str] | None = None) -> None:
-        self.jobs[name] = Job(name, args, after or [])
+    def add(self, name: str, args: list[str], after: list[str] | None = None, priority: int = 0) -> None:
+        self.jobs[name] = Job(name, args, after or [], priority)
 
     def _launch(self, job: Job) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
@@ -98,7 +100,7 @@ class Grid:
                 job.rc, job.wall_s = -15, round(time.perf_counter() - job.start, 1)
                 print(f"deadline: stopped {job.name}", flush=True)
             return False
-        for job in self.jobs.values():
+        for job in sorted(self.jobs.values(), key=lambda j: j.priority):  # stable: ties keep their order
             if len(running) >= self.max_jobs:
                 break
             deps = [self.jobs[d] for d in job.after]

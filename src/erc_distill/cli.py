@@ -178,7 +178,8 @@ def run_config(args: argparse.Namespace) -> "RunConfig":
 
 
 def _out_dir(args: argparse.Namespace, cfg: "RunConfig") -> Path:
-    names = [cfg.data, *([Path(cfg.teacher).name] if cfg.uses_teacher else []), Path(cfg.student).name]
+    teacher = "ensemble" if cfg.teacher_outputs else Path(str(cfg.teacher)).name
+    names = [cfg.data, *([teacher] if cfg.uses_teacher else []), Path(cfg.student).name]
     return args.out or Path("runs") / "-".join(names)
 
 
@@ -238,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
                         ("report", "quantize, profile on the device profile, write the accuracy-vs-speed report")):
         stage_parser = sub.add_parser(stage, parents=[run_opts], help=text)
         stage_parser.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("teacher-outputs", parents=[run_opts],
+                       help="train (or reuse) the teacher and write its logits on every split (+ --transfer) to a file")
+    p.add_argument("--to", type=Path, required=True, help="the .npz file to write (a .json description goes beside it)")
+    p.set_defaults(func=cmd_teacher_outputs)
 
     p = sub.add_parser("data-stats", help="per-split counts, labels and input token lengths of a corpus")
     _add_data_args(p)
@@ -342,6 +348,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------- commands
+
+
+def cmd_teacher_outputs(args: argparse.Namespace) -> int:
+    from erc_distill.config import dump_config
+    from erc_distill.stages import open_run, run_pipeline
+    from erc_distill.stages.teacher_outputs import export_teacher_outputs
+
+    cfg = run_config(args)
+    if not cfg.trains_teacher:
+        raise ConfigError("teacher-outputs needs a teacher to train or reuse (--teacher NAME, a loss with a teacher "
+                          "term, no --teacher-outputs)", field="--teacher")
+    out = _out_dir(args, cfg)
+    ctx = open_run(cfg, out, args.cache_dir, fetch=not args.no_fetch)
+    dump_config(cfg, out / "config.yaml")
+    run_pipeline(ctx, ["teacher"], force=args.force)
+    export_teacher_outputs(ctx, args.to)
+    return 0
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:

@@ -41,6 +41,7 @@ STAGES = ("teacher", "cache", "distill", "evaluate", "export", "quantize", "prof
 QUANTIZE_METHODS = ("ort-dynamic", "ort-static", "nncf-ptq", "nncf-qat")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("auto", "32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+TRANSFER_SOURCES = ("emorynlp", "mask", "short")
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
@@ -253,10 +254,22 @@ class RunConfig:
     limit: int | None = opt(None, "use only the first N dialogues of each split (--quick: 30)", ge=1)
     media: MediaConfig = opt(factory=MediaConfig)
     hidden_layers: tuple[int, ...] = opt((), "teacher layers cached at the mask (hidden loss; default: the top n)", ge=0)
+    teacher_outputs: tuple[str, ...] = opt((), "teacher output files (.npz from `erc-distill teacher-outputs`, or "
+                                           "bench/results/teachers/): their mean tempered probabilities are the KD "
+                                           "target and no teacher is trained (logit terms only)")
+    teacher_weights: tuple[float, ...] = opt((), "weights of the --teacher-outputs files (default: equal)", ge=0)
+    transfer: tuple[str, ...] = opt((), "unlabelled turns added to the student's training set, taught by the teacher "
+                                    "only (no cross-entropy); MELD: emorynlp (scenes not overlapping MELD dev/test), "
+                                    "mask (speaker names masked), short (shorter histories)", choices=TRANSFER_SOURCES)
 
     @property
     def uses_teacher(self) -> bool:
-        return self.teacher is not None and self.loss.needs_teacher
+        return (self.teacher is not None or bool(self.teacher_outputs)) and self.loss.needs_teacher
+
+    @property
+    def trains_teacher(self) -> bool:
+        """A teacher model is trained (or reused) by this run: not when its outputs come from files."""
+        return self.uses_teacher and not self.teacher_outputs and self.teacher is not None
 
     @property
     def modality(self) -> str:
@@ -576,9 +589,31 @@ def check_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"the terms {', '.join(needs)} need a teacher; with --teacher none use e.g. --loss ce=1",
                           field="--loss")
     _check_modality(cfg)
+    _check_teacher_outputs(cfg)
     if cfg.teacher is not None and cfg.teacher_loss.needs_teacher:
         raise ConfigError("the teacher trains on terms that need no teacher (e.g. ce=1)", field="--teacher-loss")
     return cfg
+
+
+def _check_teacher_outputs(cfg: RunConfig) -> None:
+    """Teacher output files carry logits only; transfer turns have no labels, so they need a teacher."""
+    if cfg.teacher_weights and len(cfg.teacher_weights) != len(cfg.teacher_outputs):
+        raise ConfigError(f"{len(cfg.teacher_weights)} weights for {len(cfg.teacher_outputs)} --teacher-outputs files",
+                          field="--teacher-weights")
+    if cfg.teacher_outputs:
+        if cfg.modality != "text":
+            raise ConfigError("teacher output files are for text corpora", field="--teacher-outputs")
+        model_terms = [n for n in cfg.loss.weights if n in ("feature", "hidden") and cfg.loss.weights[n] > 0]
+        if model_terms:
+            raise ConfigError(f"the terms {', '.join(model_terms)} need the teacher model's features; teacher output "
+                              "files hold logits only: use e.g. --loss ce=1,dist=1", field="--loss")
+    if cfg.transfer:
+        if cfg.data != "meld":
+            raise ConfigError(f"the transfer set is made for MELD (EmoryNLP scenes and MELD train augmentations), "
+                              f"not {cfg.data}", field="--transfer")
+        if not cfg.uses_teacher:
+            raise ConfigError("transfer turns have no labels: they are taught by a teacher's soft targets only; "
+                              "add a teacher and a logit term (e.g. --loss ce=1,dist=1)", field="--transfer")
 
 
 def _check_modality(cfg: RunConfig) -> None:
@@ -593,7 +628,7 @@ def _check_modality(cfg: RunConfig) -> None:
     audio_names = names("erc_distill.audio", "presets.yaml") | {"tiny-whisper"}
     text_names = names("erc_distill.presets", "encoders.yaml") | {"tiny", "tiny-bert"}
     audio = cfg.modality == "audio"
-    for flag, name in (("--teacher", cfg.teacher if cfg.uses_teacher else None), ("--student", cfg.student)):
+    for flag, name in (("--teacher", cfg.teacher if cfg.trains_teacher else None), ("--student", cfg.student)):
         if name is None:
             continue
         if audio and name in text_names:

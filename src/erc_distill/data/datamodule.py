@@ -310,9 +310,17 @@ class ErcDataModule(ExampleDataModule):
         limit: int | None = None,
         teacher: TeacherTargets | None = None,
         num_workers: int = 0,
+        transfer: CorpusSplit | None = None,
     ) -> None:
         super().__init__(corpus, data_dir, batch_size, eval_batch_size, seed, limit, teacher, num_workers)
         self.builder = builder
+        self.transfer = transfer
+        """Unlabelled turns (label -1) added to the training examples: taught by the teacher's targets only."""
+
+    def examples_of(self, name: Split) -> list[Example]:
+        if name == "train" and self.transfer is not None and name not in self.examples:
+            self.examples[name] = self._build(self.split(name)) + self._build(self.transfer)
+        return super().examples_of(name)
 
     def _build(self, data: CorpusSplit) -> list[Example]:
         return build_examples(data, self.builder)

@@ -73,9 +73,12 @@ def build_objective(
     class_counts: torch.Tensor | None = None,
     student_layers: int | None = None,
 ) -> Objective:
-    """Instantiate the terms of ``cfg`` for these widths (projections are created where they differ)."""
-    if cfg.needs_teacher and teacher_dim is None:
-        raise ValueError(f"{', '.join(n for n in cfg.weights if LOSSES[n].needs_teacher)} need a teacher")
+    """Instantiate the terms of ``cfg`` for these widths (projections are created where they differ).
+    ``teacher_dim``: the teacher's feature width; None when there are no teacher features (teacher output
+    files give logits only), which the feature terms need."""
+    featured = [n for n in cfg.weights if n in ("feature", "hidden")]
+    if featured and teacher_dim is None:
+        raise ValueError(f"{', '.join(featured)} need the teacher's features")
     terms: dict[str, tuple[LossTerm, float]] = {}
     for name, weight in cfg.weights.items():
         if name == "ce":

@@ -97,7 +97,7 @@ def open_run(cfg: RunConfig, out: str | Path, cache_dir: str | Path | None = Non
 
     check_machine(cfg)
     cfg = resolve_precision(cfg, log)
-    for name in (cfg.teacher if cfg.uses_teacher else None, cfg.student):
+    for name in (cfg.teacher if cfg.trains_teacher else None, cfg.student):
         if name is not None:  # found before hours of teacher training, not after
             resolve_model(name, cfg.modality)
     ensure_corpus(cfg.data, cfg.data_dir, fetch=fetch, log=log)

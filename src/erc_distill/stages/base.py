@@ -79,6 +79,7 @@ class RunContext:
     log: Callable[[str], None] = print
     progress: bool = True
     _said: set[str] = field(default_factory=set, repr=False)
+    _transfer: Any = field(default=None, repr=False)
 
     def log_once(self, message: str) -> None:
         """``log`` a message the first time only (a media report that every stage's data module repeats)."""
@@ -107,13 +108,35 @@ class RunContext:
         wants_gpu = self.cfg.student_train.accelerator in ("gpu", "cuda", "auto")
         return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
 
-    def datamodule(self, tokenizer: Any, context: Any, train: Any, teacher: Any = None) -> "ErcDataModule":
+    def datamodule(self, tokenizer: Any, context: Any, train: Any, teacher: Any = None,
+                   transfer: bool = False) -> "ErcDataModule":
+        """Text examples built with ``context``; ``transfer``: the run's transfer turns join the training split."""
         from erc_distill.data.context import ContextBuilder
         from erc_distill.data.datamodule import ErcDataModule
 
         return ErcDataModule(self.cfg.data, ContextBuilder(tokenizer, context), self.cfg.data_dir,
                              batch_size=train.batch_size, eval_batch_size=train.eval_batch_size,
-                             seed=train.seed, limit=self.cfg.limit, teacher=teacher)
+                             seed=train.seed, limit=self.cfg.limit, teacher=teacher,
+                             transfer=self.transfer_split() if transfer and self.cfg.transfer else None)
+
+    def transfer_set(self) -> Any:
+        """The run's :class:`~erc_distill.data.transfer.TransferSet` (built once; None without ``--transfer``)."""
+        if not self.cfg.transfer:
+            return None
+        if self._transfer is None:
+            from erc_distill.data.transfer import build_transfer_set
+
+            self._transfer = build_transfer_set(self.cfg.transfer, self.cfg.data_dir, self.cfg.limit)
+            r = self._transfer.report
+            self.log_once(f"transfer set {'+'.join(self.cfg.transfer)}: {len(self._transfer.turns)} unlabelled turns "
+                          f"(fingerprint {r.fingerprint})")
+        return self._transfer
+
+    def transfer_split(self) -> Any:
+        """The transfer turns as a (label-less) training split of the run's corpus."""
+        from erc_distill.data.types import CorpusSplit
+
+        return CorpusSplit("transfer", "train", self.labels, tuple(self.transfer_set().dialogues))
 
     def class_counts(self, dm: "ExampleDataModule") -> "torch.Tensor":
         import torch
@@ -129,7 +152,8 @@ class RunContext:
         c = self.cfg
         teacher = TeacherCache(self.manifest.artifact("cache", "cache")) if c.uses_teacher else None
         dm = self.modality.datamodule(self, model, processor, "student", teacher)
-        teacher_dim = teacher.arrays["train"]["features"].shape[1] if teacher else None
+        features = teacher.arrays["train"].get("features") if teacher else None
+        teacher_dim = features.shape[1] if features is not None else None
         objective = build_objective(c.loss, len(self.labels), model.hidden_size, teacher_dim,
                                     self.class_counts(dm), model.num_layers)
         return dm, objective

@@ -39,10 +39,60 @@ class CacheStage(Stage):
                         str(ctx.cfg.teacher), layers, ctx.cfg.limit, ctx.data_fingerprint)
 
     def key(self, ctx: RunContext) -> str:
+        if ctx.cfg.teacher_outputs:
+            return stage_key(self._outputs_key(ctx))
         return stage_key(self._cache_key(ctx))
+
+    def _outputs_key(self, ctx: RunContext) -> dict:
+        from erc_distill.atomic import sha256_file
+
+        c = ctx.cfg
+        files = []
+        for f in c.teacher_outputs:
+            try:
+                files.append(sha256_file(f)[:16])
+            except OSError:
+                from erc_distill.distill.outputs import read_teacher_outputs
+
+                read_teacher_outputs(f)  # the ConfigError that says what is wrong with it
+                raise
+        transfer = ctx.transfer_set().report.fingerprint if c.transfer else None
+        return {"kind": "teacher-outputs", "files": files, "weights": list(c.teacher_weights), "tau": c.loss.tau,
+                "data": ctx.data_fingerprint, "limit": c.limit, "transfer": transfer}
+
+    def _import_outputs(self, ctx: RunContext) -> StageResult:
+        """The teacher output files' ensemble (at the student's τ) as this run's teacher cache."""
+        from erc_distill.data import corpus_fingerprint
+        from erc_distill.data.corpora import load_corpus
+        from erc_distill.distill.cache import TeacherCache
+        from erc_distill.distill.outputs import check_compatible, import_as_cache, read_teacher_outputs
+
+        c = ctx.cfg
+        outputs = [read_teacher_outputs(f) for f in c.teacher_outputs]
+        transfer_data = {"emorynlp": corpus_fingerprint("emorynlp", c.data_dir)} if "emorynlp" in c.transfer else {}
+        check_compatible(outputs, c.data, ctx.labels, ctx.data_fingerprint, c.transfer, transfer_data)
+
+        def ids(split: str) -> list[str]:
+            data = load_corpus(c.data, split, c.data_dir)
+            dialogues = data.dialogues[: c.limit] if c.limit is not None else data.dialogues
+            return [t.example_id for d in dialogues for t in d.turns]
+
+        train = ids("train") + ([t.example_id for t in ctx.transfer_set().turns] if c.transfer else [])
+        key = self._outputs_key(ctx)
+        folder = import_as_cache(outputs, c.teacher_weights, c.loss.tau, {"train": train, "dev": ids("dev")},
+                                 ctx.cache_dir / "teacher-cache" / stage_key(key), key)
+        cache = TeacherCache(folder)
+        cache.check()
+        names = ", ".join(f"{o.path.stem} ({o.meta.get('teacher', '?')})" for o in outputs)
+        ctx.log(f"teacher: ensemble of {len(outputs)} output file(s): {names}; KD target = mean of tempered "
+                f"probabilities at tau {c.loss.tau:g}")
+        return StageResult({"cache": folder}, {"rows": len(cache), "teachers": [str(o.path) for o in outputs]})
 
     def run(self, ctx: RunContext) -> StageResult:
         from erc_distill.distill.cache import build_cache
+
+        if ctx.cfg.teacher_outputs:
+            return self._import_outputs(ctx)
 
         key = self._cache_key(ctx)
         folder = ctx.cache_dir / "teacher-cache" / stage_key(key)

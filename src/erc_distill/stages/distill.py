@@ -19,8 +19,9 @@ class DistillStage(Stage):
         c = ctx.cfg
         cache_key = ctx.manifest.record("cache")["key"] if c.uses_teacher else None
         inputs = c.media if c.modality == "audio" else c.student_context
+        transfer = [ctx.transfer_set().report.fingerprint] if c.transfer else []  # keys without it stay as they were
         return stage_key(c.student, c.data, ctx.data_fingerprint, inputs, c.student_train, c.loss.key(), c.limit,
-                         cache_key)
+                         cache_key, *transfer)
 
     def run(self, ctx: RunContext) -> StageResult:
         import torch

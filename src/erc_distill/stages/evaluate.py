@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,33 @@ class EvaluateStage(Stage):
         return models
 
     def key(self, ctx: RunContext) -> str:
-        return stage_key([ctx.manifest.record(s)["key"] for s in self._models(ctx).values()], ctx.data_fingerprint)
+        ensemble = [ctx.manifest.record("cache")["key"]] if ctx.cfg.teacher_outputs and ctx.cfg.uses_teacher else []
+        return stage_key([ctx.manifest.record(s)["key"] for s in self._models(ctx).values()], ctx.data_fingerprint,
+                         *ensemble)
+
+    def _ensemble(self, ctx: RunContext, metrics: dict[str, Any], artifacts: dict[str, Path]) -> None:
+        """The teacher output files' ensemble scored like a model (row ``teacher``)."""
+        from erc_distill.data.corpora import load_corpus
+        from erc_distill.distill.outputs import evaluate_outputs, read_teacher_outputs
+
+        outputs = [read_teacher_outputs(f) for f in ctx.cfg.teacher_outputs]
+        metrics["teacher"] = {"params": sum(int(o.meta.get("params", 0)) for o in outputs),
+                              "teachers": [o.path.stem for o in outputs]}
+        for split in ("dev", "test"):
+            path = ctx.out / f"predictions_teacher_{split}.csv"
+            data = load_corpus(ctx.cfg.data, split, ctx.cfg.data_dir)
+            if ctx.cfg.limit is not None:  # the turns the student is scored on
+                data = replace(data, dialogues=data.dialogues[: ctx.cfg.limit])
+            m = metrics["teacher"][split] = evaluate_outputs(outputs, ctx.cfg.teacher_weights, data, path)
+            artifacts[f"predictions_teacher_{split}"] = path
+            ctx.log(f" teacher {split:<5} weighted F1 {100 * m['weighted_f1']:.2f}  macro F1 {100 * m['macro_f1']:.2f}"
+                    f"  accuracy {100 * m['accuracy']:.2f}  (ensemble of {len(outputs)} output files)")
 
     def run(self, ctx: RunContext) -> StageResult:
         metrics: dict[str, Any] = {}
         artifacts: dict[str, Path] = {}
+        if ctx.cfg.teacher_outputs and ctx.cfg.uses_teacher:
+            self._ensemble(ctx, metrics, artifacts)
         for name, stage in self._models(ctx).items():
             folder = ctx.manifest.artifact(stage, "model")
             model, tok = ctx.modality.load(folder)
@@ -65,5 +88,6 @@ class EvaluateStage(Stage):
         return StageResult({**artifacts, "metrics": ctx.out / "metrics.json"}, unhashed=("metrics",))
 
     def intact(self, ctx: RunContext) -> str | None:
-        missing = [m for m in self._models(ctx) if m not in ctx.read_metrics()]
+        models = [*self._models(ctx), *(["teacher"] if ctx.cfg.teacher_outputs and ctx.cfg.uses_teacher else [])]
+        missing = [m for m in models if m not in ctx.read_metrics()]
         return f"metrics.json lacks {', '.join(missing)}" if missing else None

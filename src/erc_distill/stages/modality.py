@@ -59,7 +59,7 @@ class TextModality:
 
     def datamodule(self, ctx: "RunContext", model: Any, processor: Any, role: Role, teacher: Any = None) -> Any:
         return ctx.datamodule(processor, getattr(ctx.cfg, f"{role}_context"), getattr(ctx.cfg, f"{role}_train"),
-                              teacher)
+                              teacher, transfer=role == "student")
 
     def input_key(self, ctx: "RunContext", model_dir: Path, role: Role) -> str:
         """What turns a corpus row into the model's input (part of the teacher cache's key)."""

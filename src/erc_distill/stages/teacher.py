@@ -26,7 +26,7 @@ class TeacherStage(Stage):
     name = "teacher"
 
     def applies(self, ctx: RunContext) -> bool:
-        return ctx.cfg.uses_teacher
+        return ctx.cfg.trains_teacher
 
     def key(self, ctx: RunContext) -> str:
         c = ctx.cfg
