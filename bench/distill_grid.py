@@ -229,11 +229,15 @@ def ensemble_rows(out: Path, data_dir: Path | None) -> dict[str, dict]:
 
 def summarize(args: argparse.Namespace, wall: float) -> str:
     out = args.out
+    jobs_file = out / "jobs.json"
+    jobs = json.loads(jobs_file.read_text()) if jobs_file.is_file() else {}
     arms: dict[str, dict[str, dict]] = {}
     for arm, (_, _, kind) in student_arms(out / "teachers").items():
         runs = {}
         for seed in seeds_of(kind, args):
             f = out / "runs" / f"{slug(arm)}-s{seed}" / "metrics.json"
+            if jobs.get(f"{slug(arm)}-s{seed}", {}).get("rc", 0) != 0:
+                continue  # stopped or failed in this grid: its metrics (if any) are from an older attempt
             if f.is_file():
                 m = json.loads(f.read_text())
                 s = _scores(m)
@@ -253,11 +257,10 @@ def summarize(args: argparse.Namespace, wall: float) -> str:
         ensembles = ensemble_rows(out, args.data_dir)
     except Exception as err:  # the summary is still written without them
         ensembles = {"error": str(err)}
-    jobs_file = out / "jobs.json"
     result = {"date": date.today().isoformat(), "machine": platform.node(), "accelerator": args.accelerator,
               "wall_s": round(wall, 1), "recipe": {"student": PATIENT, "kd_loss": KD_LOSS, "transfer": TRANSFER},
               "teachers": teachers, "ensembles": ensembles, "students": arms, "paired": pairs,
-              "jobs": json.loads(jobs_file.read_text()) if jobs_file.is_file() else {}}
+              "jobs": jobs}
     (out / "grid.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Distillation grid ({result['date']}, {args.accelerator})", "",
              f"Students: MiniLM-L6, `{' '.join(PATIENT)}` (early stopping on dev weighted F1), distilled with "

@@ -107,8 +107,21 @@ class Grid:
             if job.proc is None and all(d.rc == 0 for d in deps):
                 self._launch(job)
                 running.append(job)
-        return any(j.rc is None and all(self.jobs[d].rc in (None, 0) for d in j.after)
-                   for j in self.jobs.values())
+        blocked = self.blocked()
+        return any(j.rc is None and j.name not in blocked for j in self.jobs.values())
+
+    def blocked(self) -> set[str]:
+        """Jobs that can never start: one of their dependencies, directly or through others, failed."""
+        out: set[str] = set()
+        changed = True
+        while changed:
+            changed = False
+            for j in self.jobs.values():
+                if j.proc is None and j.name not in out and any(
+                        d in out or self.jobs[d].rc not in (None, 0) for d in j.after):
+                    out.add(j.name)
+                    changed = True
+        return out
 
 
 def teacher_result(run_dir: Path) -> dict | None:

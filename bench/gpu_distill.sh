@@ -20,7 +20,9 @@ start)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
     cp -r .cargo/p5 $ROOT/pieces/ && python3 bench/device_cargo.py unpack --pieces $ROOT/pieces/p5 --hf-home $ROOT/hf || exit 1
-    setsid nohup python3 bench/distill_grid.py --out $ROOT/grid --cache-dir $ROOT/cache --data-dir "$PWD/.gpu-data" \
+    # outside the checkout: a carried path is removed there again by the next call that does not carry it
+    rm -rf $ROOT/data && cp -r .gpu-data $ROOT/data || exit 1
+    setsid nohup python3 bench/distill_grid.py --out $ROOT/grid --cache-dir $ROOT/cache --data-dir $ROOT/data \
         --accelerator gpu --jobs 18 --models-ready $ROOT/hf/READY --eval-batch-size 128 \
         >$ROOT/grid.log 2>&1 </dev/null &
     sleep 40

@@ -1,0 +1,152 @@
+"""Teacher output files, ensembles of them, and distilling from them (with the transfer set) on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from erc_distill.cli import main
+from erc_distill.distill.cache import TeacherCache
+from erc_distill.distill.outputs import (
+    check_compatible,
+    ensemble,
+    import_as_cache,
+    read_teacher_outputs,
+    write_teacher_outputs,
+)
+from erc_distill.errors import ConfigError
+
+LABELS = ["neutral", "joy", "sadness"]
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _write(path, ids, logits, **meta):
+    meta = {"labels": LABELS, "corpus": "meld", "data_fingerprint": "abc", "teacher": "t", **meta}
+    return read_teacher_outputs(write_teacher_outputs(path, ids, ["train"] * len(ids), logits, meta))
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0, 4.0])
+def test_ensemble_logits_temper_to_the_weighted_mean_of_tempered_probabilities(tmp_path, tau):
+    rng = np.random.default_rng(0)
+    za, zb = rng.normal(size=(5, 3)) * 3, rng.normal(size=(5, 3)) * 3
+    ids = [f"meld/train/0/{i}" for i in range(5)]
+    a, b = _write(tmp_path / "a.npz", ids, za), _write(tmp_path / "b.npz", ids[::-1], zb[::-1])
+    za, zb = a.logits, b.logits[::-1]  # as stored (fp16), b's rows reversed back into a's order
+    got_ids, z = ensemble([a, b], [1, 3], tau)
+    assert got_ids == ids  # joined by id, not by row
+    want = 0.25 * _softmax(za / tau) + 0.75 * _softmax(zb / tau)
+    assert np.allclose(_softmax(z / tau), want, atol=1e-5)
+    _, single = ensemble([a], (), tau)
+    assert np.allclose(_softmax(single / tau), _softmax(za / tau), atol=1e-5)
+
+
+def test_ensemble_names_the_file_that_lacks_an_example(tmp_path):
+    a = _write(tmp_path / "a.npz", ["x", "y"], np.zeros((2, 3)))
+    b = _write(tmp_path / "b.npz", ["x"], np.zeros((1, 3)))
+    with pytest.raises(ConfigError, match=r"b\.npz: no outputs for example 'y'"):
+        ensemble([a, b], (), 1.0, ["x", "y"])
+    with pytest.raises(ConfigError, match="2 weights for 1"):
+        ensemble([a], [1, 1], 1.0)
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        read_teacher_outputs(tmp_path / "none.npz")
+    good = _write(tmp_path / "g.npz", ["x"], np.zeros((1, 3)))
+    (tmp_path / "g.json").unlink()
+    with pytest.raises(ConfigError, match="g.json is missing"):
+        read_teacher_outputs(good.path)
+    (tmp_path / "h.npz").write_bytes(b"not a zip")
+    (tmp_path / "h.json").write_text(json.dumps({"format": "erc-distill-teacher-outputs/1", "labels": LABELS}))
+    with pytest.raises(ConfigError, match="h.npz: not a teacher-outputs file"):
+        read_teacher_outputs(tmp_path / "h.npz")
+    with pytest.raises(ValueError, match="non-finite"):
+        _write(tmp_path / "n.npz", ["x"], np.full((1, 3), np.nan))
+    other = _write(tmp_path / "o.npz", ["x"], np.zeros((1, 3)), data_fingerprint="zzz")
+    with pytest.raises(ConfigError, match="other meld files"):
+        check_compatible([other], "meld", LABELS, "abc")
+    with pytest.raises(ConfigError, match="made without the transfer source"):
+        check_compatible([good], "meld", LABELS, "abc", ("emorynlp",))
+    with pytest.raises(ConfigError, match="labels"):
+        check_compatible([good], "meld", ["a", "b", "c"], "abc")
+
+
+def test_import_as_cache_is_a_teacher_cache_of_the_ensemble(tmp_path):
+    z = np.arange(12, dtype=np.float32).reshape(4, 3) / 4
+    a = _write(tmp_path / "a.npz", ["t0", "t1", "d0", "d1"], z)
+    folder = import_as_cache([a], (), 2.0, {"train": ["t1", "t0"], "dev": ["d0"]}, tmp_path / "c", {"k": 1})
+    cache = TeacherCache(folder)
+    cache.check()
+    got = cache.lookup(["t0", "d0"])["logits"].numpy()
+    assert np.allclose(_softmax(got / 2), _softmax(a.logits[[0, 2]] / 2), atol=1e-5)
+    assert "features" not in cache.lookup(["t0"])
+    mtime = (folder / "train.logits.npy").stat().st_mtime_ns
+    import_as_cache([a], (), 2.0, {"train": ["t1", "t0"], "dev": ["d0"]}, tmp_path / "c", {"k": 1})
+    assert (folder / "train.logits.npy").stat().st_mtime_ns == mtime  # same key: reused
+
+
+def _argv(fixture_data, tmp_path, *extra):
+    return ["--teacher", "tiny", "--student", "tiny", "--data", "meld", "--data-dir", str(fixture_data),
+            "--cache-dir", str(tmp_path / "cache"), "--epochs", "1", "--teacher-epochs", "1", "--batch-size", "4",
+            "--max-len", "64", "--teacher-max-len", "64", *extra]
+
+
+def test_teacher_outputs_then_a_student_distilled_from_their_ensemble_with_the_transfer_set(fixture_data, tmp_path,
+                                                                                           capsys):
+    files = []
+    for seed in ("0", "1"):
+        f = tmp_path / f"t{seed}.npz"
+        assert main(["teacher-outputs", *_argv(fixture_data, tmp_path, "--teacher-train.seed", seed, "--transfer",
+                                               "emorynlp", "mask", "short", "--out", str(tmp_path / f"t{seed}"),
+                                               "--to", str(f))]) == 0
+        files.append(str(f))
+    t = read_teacher_outputs(files[0])
+    assert {"train", "dev", "test", "transfer"} == set(t.splits)
+    assert all(i.split("/")[0] in ("emorynlp-transfer", "meld-mask", "meld-short")
+               for i, s in zip(t.ids, t.splits) if s == "transfer")
+    assert t.meta["transfer"]["sources"] == ["emorynlp", "mask", "short"] and "dev" in t.meta["metrics"]
+    run = tmp_path / "student"
+    assert main(["evaluate", *_argv(fixture_data, tmp_path, "--teacher-outputs", *files, "--loss", "ce=1,kd=1",
+                                    "--transfer", "emorynlp", "--out", str(run))]) == 0
+    out = capsys.readouterr().out
+    assert "ensemble of 2 output file(s)" in out and "transfer set emorynlp" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["teacher"]["teachers"] == ["t0", "t1"] and "test" in metrics["teacher"]
+    assert (run / "predictions_teacher_test.csv").is_file()
+    manifest = json.loads((run / "manifest.json").read_text())["stages"]
+    assert "teacher" not in manifest or manifest["teacher"].get("status") != "done"  # no teacher trained
+    cache = TeacherCache(manifest["cache"]["artifacts"]["cache"])
+    train_ids = [i for i in cache.row if cache.row[i][0] == "train"]
+    assert any(i.startswith("emorynlp-transfer/") for i in train_ids)
+    assert not any(i.startswith(("meld-mask/", "meld-short/")) for i in train_ids)  # only the asked source
+    assert not any(i.startswith(("meld/dev/", "meld/test/")) for i in train_ids)
+    # the same command again: every stage up to date
+    assert main(["evaluate", *_argv(fixture_data, tmp_path, "--teacher-outputs", *files, "--loss", "ce=1,kd=1",
+                                    "--transfer", "emorynlp", "--out", str(run))]) == 0
+    assert "running" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--teacher-outputs", "a.npz", "--loss", "ce=1,dist=1,feature=0.5"], "need the teacher model's features"),
+    (["--teacher-outputs", "a.npz", "--teacher-weights", "1", "2", "--loss", "ce=1,kd=1"], "2 weights for 1"),
+    (["--transfer", "emorynlp", "--teacher", "none", "--loss", "ce=1"], "transfer turns have no labels"),
+    (["--transfer", "emorynlp", "--data", "emorynlp", "--loss", "ce=1,kd=1"], "made for MELD"),
+    (["--transfer", "nope"], "nope"),
+    (["--teacher-outputs", "missing.npz", "--loss", "ce=1,kd=1"], "missing.npz: no such file"),
+])
+def test_bad_teacher_output_and_transfer_settings_are_one_line_errors(fixture_data, tmp_path, capsys, extra, message):
+    assert main(["distill", *_argv(fixture_data, tmp_path, "--out", str(tmp_path / "r")), *extra]) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_teacher_outputs_needs_a_teacher(fixture_data, tmp_path, capsys):
+    assert main(["teacher-outputs", *_argv(fixture_data, tmp_path, "--teacher", "none", "--loss", "ce=1",
+                                           "--out", str(tmp_path / "r"), "--to", str(tmp_path / "x.npz"))]) == 1
+    assert "needs a teacher" in capsys.readouterr().err
