@@ -139,6 +139,9 @@ def test_teacher_outputs_then_a_student_distilled_from_their_ensemble_with_the_t
     (["--transfer", "emorynlp", "--data", "emorynlp", "--loss", "ce=1,kd=1"], "made for MELD"),
     (["--transfer", "nope"], "nope"),
     (["--teacher-outputs", "missing.npz", "--loss", "ce=1,kd=1"], "missing.npz: no such file"),
+    (["--teacher-outputs", "a.npz", "--loss", "ce=1"], "would be ignored"),
+    (["--teacher-outputs", "a.npz", "--teacher-weights", "0", "--loss", "ce=1,kd=1"], "all 0"),
+    (["--teacher-outputs", "a.npz", "--loss", "ce=1,kd=1,feature=0"], "need the teacher model's features"),
 ])
 def test_bad_teacher_output_and_transfer_settings_are_one_line_errors(fixture_data, tmp_path, capsys, extra, message):
     assert main(["distill", *_argv(fixture_data, tmp_path, "--out", str(tmp_path / "r")), *extra]) != 0
@@ -150,3 +153,22 @@ def test_teacher_outputs_needs_a_teacher(fixture_data, tmp_path, capsys):
     assert main(["teacher-outputs", *_argv(fixture_data, tmp_path, "--teacher", "none", "--loss", "ce=1",
                                            "--out", str(tmp_path / "r"), "--to", str(tmp_path / "x.npz"))]) == 1
     assert "needs a teacher" in capsys.readouterr().err
+
+
+def test_a_trained_teacher_labels_the_transfer_turns_too(fixture_data, tmp_path):
+    run = tmp_path / "r"
+    assert main(["distill", *_argv(fixture_data, tmp_path, "--transfer", "emorynlp", "mask", "--loss", "ce=1,kd=1",
+                                   "--out", str(run))]) == 0
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    cache = TeacherCache(stages["cache"]["artifacts"]["cache"])
+    assert any(i.startswith("emorynlp-transfer/") for i in cache.row)
+    assert any(i.startswith("meld-mask/") for i in cache.row)
+
+
+def test_output_files_from_a_slice_are_refused_for_the_whole_corpus(fixture_data, tmp_path, capsys):
+    f = tmp_path / "q.npz"
+    assert main(["teacher-outputs", *_argv(fixture_data, tmp_path, "--limit", "2", "--out", str(tmp_path / "t"),
+                                           "--to", str(f))]) == 0
+    assert main(["distill", *_argv(fixture_data, tmp_path, "--teacher-outputs", str(f), "--loss", "ce=1,kd=1",
+                                   "--out", str(tmp_path / "s"))]) == 1
+    assert "made on the first 2 dialogues" in capsys.readouterr().err

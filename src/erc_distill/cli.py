@@ -359,6 +359,10 @@ def cmd_teacher_outputs(args: argparse.Namespace) -> int:
     if not cfg.trains_teacher:
         raise ConfigError("teacher-outputs needs a teacher to train or reuse (--teacher NAME, a loss with a teacher "
                           "term, no --teacher-outputs)", field="--teacher")
+    if cfg.modality != "text":
+        raise ConfigError(f"teacher output files are for text corpora; {cfg.data} is a speech corpus", field="--data")
+    if args.to.suffix != ".npz":
+        raise ConfigError(f"{args.to}: teacher outputs are written as a .npz file", field="--to")
     out = _out_dir(args, cfg)
     ctx = open_run(cfg, out, args.cache_dir, fetch=not args.no_fetch)
     dump_config(cfg, out / "config.yaml")

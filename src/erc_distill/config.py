@@ -600,10 +600,16 @@ def _check_teacher_outputs(cfg: RunConfig) -> None:
     if cfg.teacher_weights and len(cfg.teacher_weights) != len(cfg.teacher_outputs):
         raise ConfigError(f"{len(cfg.teacher_weights)} weights for {len(cfg.teacher_outputs)} --teacher-outputs files",
                           field="--teacher-weights")
+    if cfg.teacher_weights and sum(cfg.teacher_weights) <= 0:
+        raise ConfigError("the teacher weights are all 0", field="--teacher-weights")
     if cfg.teacher_outputs:
         if cfg.modality != "text":
             raise ConfigError("teacher output files are for text corpora", field="--teacher-outputs")
-        model_terms = [n for n in cfg.loss.weights if n in ("feature", "hidden") and cfg.loss.weights[n] > 0]
+        if not cfg.loss.needs_teacher:
+            raise ConfigError(f"the loss ({', '.join(cfg.loss.weights)}) has no term that reads a teacher, so the output "
+                              "files would be ignored: add one (e.g. --loss ce=1,kd=1) or drop --teacher-outputs",
+                              field="--teacher-outputs")
+        model_terms = [n for n in cfg.loss.weights if n in ("feature", "hidden")]
         if model_terms:
             raise ConfigError(f"the terms {', '.join(model_terms)} need the teacher model's features; teacher output "
                               "files hold logits only: use e.g. --loss ce=1,dist=1", field="--loss")
@@ -744,7 +750,7 @@ def quick(cfg: RunConfig) -> RunConfig:
     on 2 CPU cores)."""
     short = lambda t: replace(t, epochs=1, checkpoint_every_n_steps=20)  # noqa: E731
     return replace(
-        cfg, limit=None if cfg.teacher_outputs else 30,
+        cfg, limit=cfg.limit if cfg.teacher_outputs and cfg.uses_teacher else 30,
         teacher_context=replace(cfg.teacher_context, max_len=min(cfg.teacher_context.max_len, 128)),
         student_context=replace(cfg.student_context, max_len=min(cfg.student_context.max_len, 128)),
         teacher_train=short(cfg.teacher_train), student_train=short(cfg.student_train),

@@ -5,7 +5,7 @@ The teacher labels these dialogues with soft targets; the student trains on them
 (:data:`TRANSFER_SOURCES`):
 
 - ``emorynlp``: the Friends scenes of EmoryNLP, all three splits used as unlabelled text, corpus
-  ``emorynlp-transfer`` (dialogue id = scene id, e.g. ``s01e15c01``). EmoryNLP and MELD are cut from
+  ``emorynlp-transfer`` (dialogue id = source split + scene id, e.g. ``dev-s01e15c01``). EmoryNLP and MELD are cut from
   the same episodes, so a scene is **removed** when
 
   1. it overlaps a MELD dev or test dialogue in time: same season and episode, and the scene's

@@ -7,7 +7,7 @@ training or even loading a teacher (feature terms still need the teacher model).
 
 File ``NAME.npz``::
 
-    ids      [N]     example ids (``meld/train/12/3``, ``emorynlp-transfer/train/s01e02c03/4``)
+    ids      [N]     example ids (``meld/train/12/3``, ``emorynlp-transfer/train/dev-s01e02c03/4``)
     split    [N]     train / dev / test / transfer
     logits   [N, C]  float16
 
@@ -74,15 +74,15 @@ def write_teacher_outputs(path: str | Path, ids: Sequence[str], splits: Sequence
     path = Path(path)
     if path.suffix != ".npz":
         raise ConfigError(f"{path}: teacher outputs are written as a .npz file", field="--to")
-    logits = np.asarray(logits, dtype=np.float32)
+    logits = np.asarray(logits, dtype=np.float32).astype(np.float16)
     if logits.shape != (len(ids), len(meta["labels"])) or len(splits) != len(ids):
         raise ValueError(f"{len(ids)} ids, {len(splits)} splits and logits {logits.shape} for "
                          f"{len(meta['labels'])} labels")
     if not np.isfinite(logits).all():
-        raise ValueError(f"{path}: the teacher gave non-finite logits")
+        raise ValueError(f"{path}: the teacher gave non-finite logits (or beyond float16)")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, ids=np.array(ids), split=np.array(splits), logits=logits.astype(np.float16))
+        np.savez_compressed(fh, ids=np.array(ids), split=np.array(splits), logits=logits)
     with atomic_path(sidecar(path)) as tmp:
         tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True))
     return path
@@ -125,7 +125,8 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def check_compatible(outputs: Sequence[TeacherOutputs], corpus: str, labels: Sequence[str], data_fingerprint: str,
-                     transfer: Sequence[str] = (), transfer_data: dict[str, str] | None = None) -> None:
+                     transfer: Sequence[str] = (), transfer_data: dict[str, str] | None = None,
+                     limit: int | None = None) -> None:
     """ConfigError naming the file whose corpus, labels or data differ from this run's, or that lacks one of the
     run's ``transfer`` sources or was labelled on other transfer corpus files (``transfer_data``: corpus ->
     fingerprint). Single missing example ids are found later, by :func:`ensemble`."""
@@ -138,6 +139,10 @@ def check_compatible(outputs: Sequence[TeacherOutputs], corpus: str, labels: Seq
             raise ConfigError(f"{o.path}: made on other {corpus} files (data fingerprint "
                               f"{str(m.get('data_fingerprint'))[:12]}…, these are {data_fingerprint[:12]}…); its example "
                               "ids may not mean the same turns", field="--teacher-outputs")
+        if m.get("limit") is not None and (limit is None or limit > m["limit"]):
+            raise ConfigError(f"{o.path}: made on the first {m['limit']} dialogues of each split (a --quick or --limit "
+                              f"run), this run reads {'all' if limit is None else f'the first {limit}'}",
+                              field="--teacher-outputs")
         made = m.get("transfer") or {}
         lacking = [s for s in transfer if s not in made.get("sources", ())]
         if lacking:

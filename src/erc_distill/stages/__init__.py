@@ -101,6 +101,8 @@ def open_run(cfg: RunConfig, out: str | Path, cache_dir: str | Path | None = Non
         if name is not None:  # found before hours of teacher training, not after
             resolve_model(name, cfg.modality)
     ensure_corpus(cfg.data, cfg.data_dir, fetch=fetch, log=log)
+    if "emorynlp" in cfg.transfer:
+        ensure_corpus("emorynlp", cfg.data_dir, fetch=fetch, log=log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = default_cache_dir(cache_dir)

@@ -34,8 +34,10 @@ class CacheStage(Stage):
             if "hidden" in ctx.cfg.loss.weights and len(layers) != n:
                 raise ConfigError(f"{len(layers)} cached teacher layers for {n} student layers "
                                   "(--loss.hidden-layers)", field="--hidden-layers")
-        return CacheKey(weights_hash(model_dir), ctx.cfg.data, ("train", "dev"),
-                        ctx.modality.input_key(ctx, model_dir, "teacher"),
+        inputs = ctx.modality.input_key(ctx, model_dir, "teacher")
+        if ctx.cfg.transfer:  # the transfer turns are cached with train (keys without them stay as they were)
+            inputs += f"+transfer:{ctx.transfer_set().report.fingerprint}"
+        return CacheKey(weights_hash(model_dir), ctx.cfg.data, ("train", "dev"), inputs,
                         str(ctx.cfg.teacher), layers, ctx.cfg.limit, ctx.data_fingerprint)
 
     def key(self, ctx: RunContext) -> str:
@@ -70,7 +72,7 @@ class CacheStage(Stage):
         c = ctx.cfg
         outputs = [read_teacher_outputs(f) for f in c.teacher_outputs]
         transfer_data = {"emorynlp": corpus_fingerprint("emorynlp", c.data_dir)} if "emorynlp" in c.transfer else {}
-        check_compatible(outputs, c.data, ctx.labels, ctx.data_fingerprint, c.transfer, transfer_data)
+        check_compatible(outputs, c.data, ctx.labels, ctx.data_fingerprint, c.transfer, transfer_data, c.limit)
 
         def ids(split: str) -> list[str]:
             data = load_corpus(c.data, split, c.data_dir)
@@ -84,7 +86,7 @@ class CacheStage(Stage):
         cache = TeacherCache(folder)
         cache.check()
         names = ", ".join(f"{o.path.stem} ({o.meta.get('teacher', '?')})" for o in outputs)
-        ctx.log(f"teacher: ensemble of {len(outputs)} output file(s): {names}; KD target = mean of tempered "
+        ctx.log(f"teacher: ensemble of {len(outputs)} output file(s): {names}; KD target = weighted mean of tempered "
                 f"probabilities at tau {c.loss.tau:g}")
         return StageResult({"cache": folder}, {"rows": len(cache), "teachers": [str(o.path) for o in outputs]})
 
@@ -97,7 +99,11 @@ class CacheStage(Stage):
         key = self._cache_key(ctx)
         folder = ctx.cache_dir / "teacher-cache" / stage_key(key)
         model, tok = ctx.modality.load(ctx.manifest.artifact("teacher", "model"))
-        dm = ctx.modality.datamodule(ctx, model, tok, "teacher")
+        if ctx.cfg.transfer:  # the teacher labels the student's transfer turns too
+            c = ctx.cfg
+            dm = ctx.datamodule(tok, c.teacher_context, c.teacher_train, transfer=True)
+        else:
+            dm = ctx.modality.datamodule(ctx, model, tok, "teacher")
         try:
             cache = build_cache(model, dm, folder, key, device=ctx.infer_device, progress=ctx.progress)
             cache.check()

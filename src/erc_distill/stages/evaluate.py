@@ -41,7 +41,7 @@ class EvaluateStage(Stage):
 
     def _models(self, ctx: RunContext) -> dict[str, str]:
         models = {"student": "distill"}
-        if ctx.cfg.teacher is not None and "teacher" in ctx.manifest.stages:
+        if ctx.cfg.trains_teacher and "teacher" in ctx.manifest.stages:
             models = {"teacher": "teacher", **models}
         return models
 

@@ -30,7 +30,7 @@ class ProfileStage(Stage):
         if ctx.cfg.quantize.methods and "quantize" in ctx.manifest.stages:
             for method, path in ctx.manifest.record("quantize").get("artifacts", {}).items():
                 variants[f"student-int8-{method}"] = (Path(path).parent, Path(path).name)
-        if ctx.cfg.teacher is not None and "teacher" in ctx.manifest.stages:
+        if ctx.cfg.trains_teacher and "teacher" in ctx.manifest.stages:
             variants["teacher-fp32"] = (ctx.out / "teacher_bundle", None)
         return variants
 
