@@ -8,6 +8,10 @@
 #   bash bench/gpu_distill.sh piece p1      # carry .cargo/p1 (then p2, p3)
 #   bash bench/gpu_distill.sh finish p4 480 # carry .cargo/p4: mpnet complete, teachers start; after 480 s
 #                                           # STOP, summary, results into $OUT
+# Each call must come within the machine's 30 s warm window of the last. Anything a later call needs lives
+# outside the checkout ($ROOT): a carried path is deleted there by the next call that does not carry it.
+# Measured on an H200 (2026-12-04), 18 jobs sharing it: MiniLM students ~24 steps/s at batch 32 (an epoch of
+# MELD in 13 s), mpnet teachers 5-8 steps/s at batch 16 (4 epochs ~7-8 min): the teachers are the critical path.
 set -uo pipefail
 ROOT=/root/erc-gpu
 export PYTHONPATH="$PWD/src" HF_HOME=$ROOT/hf HF_HUB_CACHE=$ROOT/hf/hub HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
