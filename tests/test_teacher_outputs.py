@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from erc_distill.cli import main
 from erc_distill.distill.cache import TeacherCache
@@ -17,6 +18,7 @@ from erc_distill.distill.outputs import (
     write_teacher_outputs,
 )
 from erc_distill.errors import ConfigError
+from erc_distill.report.metrics import compute_metrics
 
 LABELS = ["neutral", "joy", "sadness"]
 
@@ -172,3 +174,32 @@ def test_output_files_from_a_slice_are_refused_for_the_whole_corpus(fixture_data
     assert main(["distill", *_argv(fixture_data, tmp_path, "--teacher-outputs", str(f), "--loss", "ce=1,kd=1",
                                    "--out", str(tmp_path / "s"))]) == 1
     assert "made on the first 2 dialogues" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+def test_the_shipped_teacher_outputs_cover_the_real_meld_and_transfer_turns(real_data):
+    """The file behind `--config meld-cpu` (the README's main command) fits the real corpus: same files, every
+    train / dev / test turn and every EmoryNLP transfer turn, and its recorded scores are its own argmax's."""
+    from pathlib import Path
+
+    from erc_distill.data import corpus_fingerprint, load_corpus
+    from erc_distill.data.transfer import build_transfer_set
+
+    shipped = sorted((Path(__file__).resolve().parents[1] / "bench" / "results" / "teachers").glob("*.npz"))
+    assert shipped, "bench/results/teachers/ holds no teacher outputs"
+    for path in shipped:
+        t = read_teacher_outputs(path)
+        labels = load_corpus("meld", "train", real_data).labels
+        check_compatible([t], "meld", labels, corpus_fingerprint("meld", real_data), tuple(t.meta["transfer"]["sources"]),
+                         {"emorynlp": corpus_fingerprint("emorynlp", real_data)})
+        transfer = build_transfer_set(t.meta["transfer"]["sources"], real_data)
+        assert transfer.report.fingerprint == t.meta["transfer"]["fingerprint"]
+        have = set(t.ids)
+        for split in ("train", "dev", "test"):
+            assert {x.example_id for x in load_corpus("meld", split, real_data).turns} <= have
+        assert {x.example_id for x in transfer.turns} <= have
+        dev = load_corpus("meld", "dev", real_data)
+        ids, z = ensemble([t], (), 1.0, [x.example_id for x in dev.turns])
+        gold = torch.tensor([labels.index(x.label) for x in dev.turns])
+        scored = compute_metrics(torch.from_numpy(z.argmax(-1)), gold, labels).to_dict()
+        assert scored["weighted_f1"] == pytest.approx(t.meta["metrics"]["dev"]["weighted_f1"], abs=2e-3)
