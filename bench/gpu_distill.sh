@@ -2,7 +2,8 @@
 # The distillation grid (bench/distill_grid.py) on a lent GPU machine that can be sent ~60 MiB a call.
 # The encoders travel as fp16 pieces (bench/device_cargo.py pack --out .cargo: p1-p4 mpnet-base, p5
 # MiniLM-L6), the corpora as .gpu-data/{meld,emorynlp}. The grid starts with the first call and runs in
-# its own session between calls; the teachers start once the last mpnet piece has arrived.
+# its own session between calls; the teachers start once the last mpnet piece has arrived. Before the first call:
+#   python bench/device_cargo.py pack --out .cargo && mkdir -p .gpu-data && cp -r "$ERC_DISTILL_DATA"/{meld,emorynlp} .gpu-data/
 #
 #   bash bench/gpu_distill.sh start         # carry .cargo/p5 .gpu-data: MiniLM, start the grid (baselines)
 #   bash bench/gpu_distill.sh piece p1      # carry .cargo/p1 (then p2, p3)
