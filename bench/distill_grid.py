@@ -39,7 +39,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from experiment_grid import Grid  # noqa: E402  (the job runner both grids share)
+from experiment_grid import Grid, common_flags, grid_parser  # noqa: E402  (what both grids share)
 
 PATIENT = ["--epochs", "8", "--patience", "3", "--batch-size", "32", "--val-check-interval", "0.5"]
 TRANSFER = ["emorynlp", "mask", "short"]
@@ -82,10 +82,10 @@ def student_arms(teachers: Path) -> dict[str, tuple[list[str], list[str], str]]:
         "label smoothing 0.1": (["--config", "meld-ce-baseline", "--label-smoothing", "0.1"], [], "few"),
         f"{MAIN} 3L": ([*ens, "--transfer", "emorynlp", "--student-layers", "3"], MPNET_ENSEMBLE, "few"),
         "emorynlp utterance-only": (["--config", "emorynlp-mpnet-minilm", "--teacher", "none", "--loss", "ce=1",
-                                     "--context", "plain", "--max-len", "128"], [], "emory"),
-        "emorynlp ce-only": (["--config", "emorynlp-mpnet-minilm", "--teacher", "none", "--loss", "ce=1"], [], "emory"),
+                                     "--context", "plain", "--max-len", "128"], [], "few"),
+        "emorynlp ce-only": (["--config", "emorynlp-mpnet-minilm", "--teacher", "none", "--loss", "ce=1"], [], "few"),
         "emorynlp distilled": (["--config", "emorynlp-mpnet-minilm", *outputs(*EMORY_TEACHERS), "--loss", KD_LOSS],
-                               list(EMORY_TEACHERS), "emory"),
+                               list(EMORY_TEACHERS), "few"),
     }
 
 
@@ -106,7 +106,7 @@ def slug(arm: str) -> str:
 
 
 def seeds_of(kind: str, args: argparse.Namespace) -> list[int]:
-    return {"all": args.seeds, "few": args.seeds[: args.few], "emory": args.seeds[: args.few]}[kind]
+    return args.seeds if kind == "all" else args.seeds[: args.few]
 
 
 def add_jobs(grid: Grid, args: argparse.Namespace, models_ready: bool, added: set[str]) -> None:
@@ -141,27 +141,15 @@ def add_jobs(grid: Grid, args: argparse.Namespace, models_ready: bool, added: se
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--out", type=Path, default=Path("runs/distill-grid"))
-    p.add_argument("--cache-dir", type=Path, default=None)
-    p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p = grid_parser(__doc__, "runs/distill-grid", [1, 2, 3, 4, 5])
     p.add_argument("--few", type=int, default=3, help="seeds of the control arms and EmoryNLP")
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--jobs", type=int, default=1, help="jobs at a time")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per job")
-    p.add_argument("--deadline", type=float, default=None, help="stop remaining jobs after this many seconds")
     p.add_argument("--models-ready", type=Path, default=None, help="start the teachers once this file exists")
     p.add_argument("--summarize-only", action="store_true", help="write grid.json / grid.md from OUT as it is")
     args, passthrough = p.parse_known_args()
     args.out = args.out.resolve()
     t0 = time.perf_counter()
     if not args.summarize_only:
-        common = ["--accelerator", args.accelerator, "--checkpoint-every", "500", *passthrough]
-        common += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
-        common += ["--data-dir", str(args.data_dir)] if args.data_dir else []
-        grid = Grid(args.out, common, args.jobs, args.threads)
+        grid = Grid(args.out, common_flags(args, passthrough, 500), args.jobs, args.threads)
         deadline = t0 + (args.deadline or float("inf"))
         added: set[str] = set()
         while True:

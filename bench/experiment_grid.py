@@ -151,17 +151,31 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+def grid_parser(doc: str, out: str, seeds: list[int]) -> argparse.ArgumentParser:
+    """The options every grid script has (unknown ones go to every ``erc-distill`` job)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--out", type=Path, default=Path("runs/grid"))
+    p.add_argument("--out", type=Path, default=Path(out))
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=seeds)
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="jobs at a time")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per job")
     p.add_argument("--deadline", type=float, default=None, help="stop remaining jobs after this many seconds")
+    return p
+
+
+def common_flags(args: argparse.Namespace, passthrough: list[str], checkpoint_every: int) -> list[str]:
+    """Flags every job of a grid gets: accelerator, checkpoint interval, folders, the passed-through options."""
+    common = ["--accelerator", args.accelerator, "--checkpoint-every", str(checkpoint_every), *passthrough]
+    common += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
+    common += ["--data-dir", str(args.data_dir)] if args.data_dir else []
+    return common
+
+
+def main() -> None:
+    p = grid_parser(__doc__, "runs/grid", [0, 1, 2])
     p.add_argument("--choose-by", type=float, default=None,
                    help="pick the MELD teacher among those finished by this many seconds (the rest run on)")
     p.add_argument("--recipes", nargs="+", default=list(TEACHERS), choices=list(TEACHERS))
@@ -169,10 +183,7 @@ def main() -> None:
     args, passthrough = p.parse_known_args()
 
     out = args.out
-    common = ["--accelerator", args.accelerator, "--checkpoint-every", "200", *passthrough]
-    common += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
-    common += ["--data-dir", str(args.data_dir)] if args.data_dir else []
-    grid = Grid(out, common, args.jobs, args.threads)
+    grid = Grid(out, common_flags(args, passthrough, 200), args.jobs, args.threads)
     t0 = time.perf_counter()
     deadline = t0 + (args.deadline or float("inf"))
 

@@ -79,6 +79,29 @@ def test_bad_files_are_named(tmp_path):
         check_compatible([good], "meld", ["a", "b", "c"], "abc")
 
 
+def test_careless_files_are_named_not_tracebacks(tmp_path):
+    good = _write(tmp_path / "g.npz", ["x", "y"], np.zeros((2, 3)))
+    cut = tmp_path / "cut.npz"  # a copy killed midway
+    cut.write_bytes(good.path.read_bytes()[: good.path.stat().st_size // 2])
+    (tmp_path / "cut.json").write_bytes((tmp_path / "g.json").read_bytes())
+    with pytest.raises(ConfigError, match="cut.npz: not a teacher-outputs file"):
+        read_teacher_outputs(cut)
+    (tmp_path / "g.json").write_bytes(b'{"format": "\xff\xfe"}' + b"\xff")  # not UTF-8
+    with pytest.raises(ConfigError, match="g.npz: not a teacher-outputs file"):
+        read_teacher_outputs(good.path)
+    for labels in (7, [], [1, 2, 3]):
+        (tmp_path / "g.json").write_text(json.dumps({"format": "erc-distill-teacher-outputs/1", "labels": labels}))
+        with pytest.raises(ConfigError, match="'labels' must be a non-empty list"):
+            read_teacher_outputs(good.path)
+    (tmp_path / "g.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ConfigError, match="is not a erc-distill-teacher-outputs/1 description"):
+        read_teacher_outputs(good.path)
+    with pytest.raises(ValueError, match="beyond float16"):  # huge logits would not survive the fp16 file
+        _write(tmp_path / "big.npz", ["x"], np.full((1, 3), 1e6))
+    with pytest.raises(ConfigError, match="written as a .npz"):
+        _write(tmp_path / "t.txt", ["x"], np.zeros((1, 3)))
+
+
 def test_import_as_cache_is_a_teacher_cache_of_the_ensemble(tmp_path):
     z = np.arange(12, dtype=np.float32).reshape(4, 3) / 4
     a = _write(tmp_path / "a.npz", ["t0", "t1", "d0", "d1"], z)
@@ -144,6 +167,8 @@ def test_teacher_outputs_then_a_student_distilled_from_their_ensemble_with_the_t
     (["--teacher-outputs", "a.npz", "--loss", "ce=1"], "would be ignored"),
     (["--teacher-outputs", "a.npz", "--teacher-weights", "0", "--loss", "ce=1,kd=1"], "all 0"),
     (["--teacher-outputs", "a.npz", "--loss", "ce=1,kd=1,feature=0"], "need the teacher model's features"),
+    (["--teacher-outputs", "a.npz", "--teacher-weights", "-1", "--loss", "ce=1,kd=1"], "--teacher-weights"),
+    (["--teacher-outputs", "a.npz", "--teacher-weights", "x", "--loss", "ce=1,kd=1"], "--teacher-weights"),
 ])
 def test_bad_teacher_output_and_transfer_settings_are_one_line_errors(fixture_data, tmp_path, capsys, extra, message):
     assert main(["distill", *_argv(fixture_data, tmp_path, "--out", str(tmp_path / "r")), *extra]) != 0
@@ -155,6 +180,11 @@ def test_teacher_outputs_needs_a_teacher(fixture_data, tmp_path, capsys):
     assert main(["teacher-outputs", *_argv(fixture_data, tmp_path, "--teacher", "none", "--loss", "ce=1",
                                            "--out", str(tmp_path / "r"), "--to", str(tmp_path / "x.npz"))]) == 1
     assert "needs a teacher" in capsys.readouterr().err
+    assert main(["teacher-outputs", *_argv(fixture_data, tmp_path, "--out", str(tmp_path / "r"),
+                                           "--to", str(tmp_path / "x.txt"))]) == 1
+    assert "written as a .npz file" in capsys.readouterr().err  # said before any training
+    assert not (tmp_path / "r" / "manifest.json").exists() or "teacher" not in json.loads(
+        (tmp_path / "r" / "manifest.json").read_text())["stages"]
 
 
 def test_a_trained_teacher_labels_the_transfer_turns_too(fixture_data, tmp_path):

@@ -28,6 +28,7 @@ argmax Σ_k w_k softmax(z_k).
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,14 +105,17 @@ def read_teacher_outputs(path: str | Path) -> TeacherOutputs:
         meta = json.loads(sidecar(path).read_text())
         with np.load(path, allow_pickle=False) as z:
             ids, splits, logits = z["ids"], z["split"], z["logits"].astype(np.float32)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # a cut or foreign file
         raise bad(f"not a teacher-outputs file ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise bad(f"{sidecar(path).name} is not a {FORMAT} description")
+    labels = meta.get("labels")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise bad(f"{sidecar(path).name}: 'labels' must be a non-empty list of label names")
     if logits.ndim != 2 or logits.shape[0] != len(ids) or len(splits) != len(ids):
         raise bad(f"{len(ids)} ids, {len(splits)} splits, logits {logits.shape}")
-    if logits.shape[1] != len(meta.get("labels", ())):
-        raise bad(f"logits have {logits.shape[1]} classes, the description {len(meta.get('labels', ()))} labels")
+    if logits.shape[1] != len(labels):
+        raise bad(f"logits have {logits.shape[1]} classes, the description {len(labels)} labels")
     if not np.isfinite(logits).all():
         raise bad("non-finite logits")
     if len(set(ids.tolist())) != len(ids):

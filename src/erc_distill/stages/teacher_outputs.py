@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from erc_distill.data.types import SPLITS
 from erc_distill.stages.base import RunContext, params
-
-SPLITS = ("train", "dev", "test")
 
 
 def export_teacher_outputs(ctx: RunContext, path: str | Path) -> Path:
