@@ -123,7 +123,7 @@ def _from_images(images: list[Path], n: int, source: str) -> Frames:
 def _from_video(path: Path, n: int) -> Frames:
     from erc_distill.optional import optional_import
 
-    av = optional_import("av", "audio", "decode video frames")
+    av = optional_import("av")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
