@@ -316,6 +316,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace this bundle's models in the repository")
     p.set_defaults(func=cmd_export_triton)
 
+    p = sub.add_parser("multimodal", help="audio and visual students taught by the text teacher, a fusion head on a "
+                                          "finished text run, exported and timed per turn (TelME style)")
+    p.add_argument("--text-run", type=Path, required=True, help="a finished text run's --out folder (its student "
+                   "and, unless --teacher-outputs is given, its teacher outputs are used)")
+    p.add_argument("--out", type=Path, required=True, help="where the multimodal run is kept (resumable)")
+    p.add_argument("--media-dir", type=Path, default=None, help="the corpus's clips (speech; video too)")
+    p.add_argument("--frames-dir", type=Path, default=None, help="video clips or frame folders (default: --media-dir)")
+    p.add_argument("--teacher-outputs", type=Path, nargs="+", default=(), help="the text teacher's output files")
+    p.add_argument("--audio-student", default="whisper-tiny", help="speech encoder, or 'none'")
+    p.add_argument("--visual-student", default="fer-cnn", help="visual encoder (fer-cnn, efficientnet-lite0, "
+                   "timesformer, a hub id), or 'none'")
+    p.add_argument("--fusion", nargs="+", default=["asf", "mag", "mult"], help="fusion heads (the first is exported)")
+    p.add_argument("--audio-epochs", type=_positive_int, default=4)
+    p.add_argument("--visual-epochs", type=_positive_int, default=4)
+    p.add_argument("--fusion-epochs", type=_positive_int, default=30)
+    p.add_argument("--modality-dropout", type=float, default=0.3, help="fusion training: chance of hiding a "
+                   "present audio / visual input (so text-only turns are handled)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="fusion-head seeds")
+    p.add_argument("--face-detector", choices=("auto", "mediapipe", "none"), default="auto")
+    p.add_argument("--profile-turns", type=_positive_int, default=100, help="test turns timed per path")
+    p.add_argument("--threads", type=_positive_int, default=2, help="ONNX Runtime threads when timing")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.set_defaults(func=cmd_multimodal)
+
     p = sub.add_parser("fetch-data", help="download (or copy with --from) a corpus, verified by SHA-256")
     p.add_argument("corpus", choices=sorted(c for c in CORPORA if CORPORA[c].source_url))
     p.add_argument("--from", dest="source", type=Path, default=None, help="copy from this folder instead")
@@ -434,6 +458,33 @@ def cmd_show_input(args: argparse.Namespace) -> int:
     print(builder.decode(x))
     if args.ids:
         print("\nids: " + " ".join(map(str, x.input_ids)))
+    return 0
+
+
+def cmd_multimodal(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from erc_distill.fusion.multimodal import BranchTrainConfig, MultimodalConfig, MultimodalRun
+
+    none = lambda x: None if x in (None, "none") else x  # noqa: E731
+    base = MultimodalConfig(text_run=args.text_run, out=args.out)
+    cfg = MultimodalConfig(
+        text_run=args.text_run, out=args.out, media_dir=args.media_dir, frames_dir=args.frames_dir,
+        teacher_outputs=tuple(args.teacher_outputs), audio_student=none(args.audio_student),
+        visual_student=none(args.visual_student), fusion=tuple(args.fusion),
+        audio_train=replace(base.audio_train, epochs=args.audio_epochs),
+        visual_train=replace(base.visual_train, epochs=args.visual_epochs), fusion_epochs=args.fusion_epochs,
+        modality_dropout=args.modality_dropout, seeds=tuple(args.seeds), data_dir=args.data_dir,
+        profile_turns=args.profile_turns, threads=args.threads, face_detector=args.face_detector)
+    from erc_distill.fusion.heads import FUSION_HEADS
+
+    unknown = [h for h in cfg.fusion if h not in FUSION_HEADS]
+    if unknown:
+        raise ConfigError(f"unknown fusion head {unknown[0]!r}; known: {', '.join(sorted(FUSION_HEADS))}",
+                          field="--fusion")
+    if not 0 <= cfg.modality_dropout < 1:
+        raise ConfigError(f"--modality-dropout must be in [0, 1), got {cfg.modality_dropout}", field="--modality-dropout")
+    MultimodalRun(cfg).run()
     return 0
 
 

@@ -33,26 +33,35 @@ OUTPUT_NAMES = ("logits",)
 DEFAULT_OPSET = 17
 
 
-class _LogitsOnly(nn.Module):
-    """A classifier (text or audio) with the logits as its only output."""
+FEATURE_OUTPUT_NAMES = ("logits", "features")
 
-    def __init__(self, model: nn.Module) -> None:
+
+class _LogitsOnly(nn.Module):
+    """A classifier (text, audio or visual) with the logits as its only output, or (``with_features``)
+    the logits and the pooled features ``[B, H]`` that a fusion head reads."""
+
+    def __init__(self, model: nn.Module, with_features: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.with_features = with_features
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(*inputs).logits
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(*inputs)
+        return (out.logits, out.features) if self.with_features else out.logits
 
 
-def export_onnx(model: PromptedClassifier, path: str | Path, opset: int = DEFAULT_OPSET, pad_id: int = 0) -> Path:
-    """Write ``model`` as ONNX to ``path`` and run ``onnx.checker`` on it."""
+def export_onnx(model: PromptedClassifier, path: str | Path, opset: int = DEFAULT_OPSET, pad_id: int = 0,
+                with_features: bool = False) -> Path:
+    """Write ``model`` as ONNX to ``path`` and run ``onnx.checker`` on it (``with_features``: a second
+    output ``features`` [B, H], the mask-position representation a fusion head reads)."""
     import onnx
 
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = _LogitsOnly(model).eval()
+    wrapper = _LogitsOnly(model, with_features).eval()
+    outputs = FEATURE_OUTPUT_NAMES if with_features else OUTPUT_NAMES
     config = model.encoder.config
     attention = getattr(config, "_attn_implementation", None)
     config._attn_implementation = "eager"  # the pattern the ORT transformer fusions match (SDPA's is not)
@@ -62,27 +71,28 @@ def export_onnx(model: PromptedClassifier, path: str | Path, opset: int = DEFAUL
     mask[1, 8:] = 0
     ids[1, 8:] = pad_id
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-               "mask_index": {0: "batch"}, "logits": {0: "batch"}}
+               "mask_index": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
     with torch.no_grad(), warnings.catch_warnings():
         # tracing notes that data-dependent branches become constants: the padded example above takes
         # the masked-attention branch, which is the general one (parity is checked after export)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*aten::index.*")
         torch.onnx.export(wrapper, (ids, mask, torch.tensor([3, 7])), str(path), input_names=list(INPUT_NAMES),
-                          output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+                          output_names=list(outputs), dynamic_axes=dynamic, opset_version=opset, dynamo=False)
     config._attn_implementation = attention
     model.eval()  # the exporter restores the wrapper's training flag; keep the model in eval mode
     onnx.checker.check_model(str(path))
     return path
 
 
-def export_audio_onnx(model: Any, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+def export_audio_onnx(model: Any, path: str | Path, opset: int = DEFAULT_OPSET, with_features: bool = False) -> Path:
     """Write an :class:`~erc_distill.audio.model.AudioClassifier` as ONNX and run ``onnx.checker`` on it.
 
     Inputs: ``features`` [B, n_mels, T] float32 (Whisper's log-mel; ``samples`` [B, N] for a waveform
     encoder) and ``lengths`` [B] int64, the valid frames (samples) of each row; output ``logits`` [B, C].
     Batch and time axes are dynamic: a clip runs on its own length, as in training. Traced with two
-    clips of different lengths, so the padding masks are in the graph.
+    clips of different lengths, so the padding masks are in the graph. ``with_features``: a second
+    output ``features`` [B, H] (the pooled clip representation a fusion head reads).
     """
     import onnx
 
@@ -91,15 +101,44 @@ def export_audio_onnx(model: Any, path: str | Path, opset: int = DEFAULT_OPSET) 
                           "batching does not trace into one graph); export a Whisper student")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = _LogitsOnly(model).eval()
+    wrapper = _LogitsOnly(model, with_features).eval()
+    outputs = FEATURE_OUTPUT_NAMES if with_features else OUTPUT_NAMES
     rng = np.random.default_rng(0)
     inputs, lengths = model.prepare([rng.standard_normal(n).astype(np.float32) * 0.1 for n in (16000, 9600)])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(wrapper, (inputs, lengths), str(path), input_names=list(AUDIO_INPUT_NAMES),
-                          output_names=list(OUTPUT_NAMES), opset_version=opset, dynamo=False,
+                          output_names=["logits", "embedding"] if with_features else list(OUTPUT_NAMES),
+                          opset_version=opset, dynamo=False,
                           dynamic_axes={"features": {0: "batch", 2: "frames"}, "lengths": {0: "batch"},
-                                        "logits": {0: "batch"}})
+                                        "logits": {0: "batch"}, **({"embedding": {0: "batch"}} if with_features else {})})
+    model.eval()
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def export_visual_onnx(model: Any, path: str | Path, opset: int = DEFAULT_OPSET, with_features: bool = False) -> Path:
+    """Write a :class:`~erc_distill.visual.model.VisualClassifier` as ONNX (``onnx.checker`` run on it).
+
+    Inputs: ``pixels`` [B, N, C, S, S] float32 (:meth:`VisualClassifier.prepare`) and ``frame_mask`` [B, N]
+    bool; outputs ``logits`` [B, C] (and ``features`` [B, H] with ``with_features``). Batch is dynamic;
+    N, C and S are the model's (fixed by its preprocessing)."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = _LogitsOnly(model, with_features).eval()
+    outputs = FEATURE_OUTPUT_NAMES if with_features else OUTPUT_NAMES
+    p = model.preprocessing
+    pixels = torch.zeros(2, model.frames, 1 if p["grayscale"] else 3, int(p["size"]), int(p["size"]))
+    mask = torch.ones(2, model.frames, dtype=torch.bool)
+    mask[1, model.frames // 2:] = False
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(wrapper, (pixels, mask), str(path), input_names=["pixels", "frame_mask"],
+                          output_names=list(outputs), opset_version=opset, dynamo=False,
+                          dynamic_axes={"pixels": {0: "batch"}, "frame_mask": {0: "batch"},
+                                        **{name: {0: "batch"} for name in outputs}})
     model.eval()
     onnx.checker.check_model(str(path))
     return path
