@@ -144,6 +144,11 @@ def _run_options() -> argparse.ArgumentParser:
     g.add_argument("--force", nargs="+", default=(), choices=STAGES, metavar="STAGE",
                    help="rerun these stages even if they are up to date")
     g.add_argument("--no-fetch", action="store_true", help="never download a missing corpus")
+    mm = p.add_argument_group("multimodal (after the text run: `erc-distill multimodal --help` has every option)")
+    mm.add_argument("--audio-student", default=None, help="speech student taught by the text teacher (whisper-tiny)")
+    mm.add_argument("--visual-student", default=None, help="face / frame student taught by the text teacher (fer-cnn)")
+    mm.add_argument("--fusion", nargs="+", default=None, metavar="HEAD", help="fusion heads: asf, mag, mult")
+    mm.add_argument("--frames-dir", type=Path, default=None, help="video clips or frame folders (default: --media-dir)")
     defaults = RunConfig()
     common = p.add_argument_group("common settings (short names of the fields below)")
     for name, help in {k: v[1] for k, v in SHORTHANDS.items()}.items():
@@ -183,6 +188,45 @@ def _out_dir(args: argparse.Namespace, cfg: "RunConfig") -> Path:
     return args.out or Path("runs") / "-".join(names)
 
 
+def _multimodal_from_run(args: argparse.Namespace, cfg: "RunConfig", out: Path):
+    """The multimodal stage asked for on the main command (``--audio-student`` / ``--visual-student`` /
+    ``--fusion``), checked before any training; None when none of them is given."""
+    from erc_distill.fusion.multimodal import MultimodalConfig
+
+    if args.audio_student is None and args.visual_student is None and args.fusion is None:
+        return None
+    if cfg.modality != "text":
+        raise ConfigError(f"--audio-student / --visual-student / --fusion extend a text run; {cfg.data} is a speech "
+                          "corpus", field="--fusion")
+    media = Path(cfg.media.dir) if cfg.media.dir else None
+    if media is None and args.frames_dir is None:
+        raise ConfigError("a multimodal run needs --media-dir (speech / video clips) and / or --frames-dir",
+                          field="--media-dir")
+    none = lambda x: None if x in (None, "none") else x  # noqa: E731
+    mm = MultimodalConfig(text_run=out, out=out / "multimodal", media_dir=media, frames_dir=args.frames_dir,
+                          audio_student=none(args.audio_student) if args.audio_student else "whisper-tiny",
+                          visual_student=none(args.visual_student) if args.visual_student else "fer-cnn",
+                          fusion=tuple(args.fusion or ("asf",)), data_dir=Path(cfg.data_dir) if cfg.data_dir else None,
+                          teacher_outputs=tuple(Path(p) for p in cfg.teacher_outputs or ()))
+    check_multimodal(mm)
+    return mm
+
+
+def check_multimodal(cfg) -> None:
+    """Start-up checks of a :class:`~erc_distill.fusion.multimodal.MultimodalConfig` (before any training)."""
+    from erc_distill.fusion.heads import FUSION_HEADS
+
+    unknown = [h for h in cfg.fusion if h not in FUSION_HEADS]
+    if unknown:
+        raise ConfigError(f"unknown fusion head {unknown[0]!r}; known: {', '.join(sorted(FUSION_HEADS))}",
+                          field="--fusion")
+    if not 0 <= cfg.modality_dropout < 1:
+        raise ConfigError(f"--modality-dropout must be in [0, 1), got {cfg.modality_dropout}", field="--modality-dropout")
+    for flag, path in (("--media-dir", cfg.media_dir), ("--frames-dir", cfg.frames_dir)):
+        if path is not None and not Path(path).is_dir():
+            raise ConfigError(f"{path} is not a folder", field=flag)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from erc_distill.config import dump_config
     from erc_distill.stages import open_run, run_pipeline
@@ -197,9 +241,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.start_at not in stages:
             raise ConfigError(f"not among this command's stages {', '.join(stages)}", field="--start-at")
         stages = stages[stages.index(args.start_at):]
+    multimodal = _multimodal_from_run(args, cfg, out) if command == "report" else None
     ctx = open_run(cfg, out, args.cache_dir, fetch=not args.no_fetch)
     dump_config(cfg, out / "config.yaml")
     run_pipeline(ctx, stages, force=args.force)
+    if multimodal is not None:
+        from dataclasses import replace
+
+        from erc_distill.fusion.multimodal import MultimodalRun
+
+        if not multimodal.teacher_outputs and cfg.trains_teacher:  # the run's own teacher teaches the branches
+            from erc_distill.stages.teacher_outputs import export_teacher_outputs
+
+            target = out / "multimodal" / "teacher-outputs.npz"
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                export_teacher_outputs(ctx, target)
+            multimodal = replace(multimodal, teacher_outputs=(target,))
+        MultimodalRun(multimodal).run()
     print(f"\nrun folder: {out}")
     metrics_file = out / "metrics.json"
     if metrics_file.is_file():
@@ -476,14 +535,7 @@ def cmd_multimodal(args: argparse.Namespace) -> int:
         visual_train=replace(base.visual_train, epochs=args.visual_epochs), fusion_epochs=args.fusion_epochs,
         modality_dropout=args.modality_dropout, seeds=tuple(args.seeds), data_dir=args.data_dir,
         profile_turns=args.profile_turns, threads=args.threads, face_detector=args.face_detector)
-    from erc_distill.fusion.heads import FUSION_HEADS
-
-    unknown = [h for h in cfg.fusion if h not in FUSION_HEADS]
-    if unknown:
-        raise ConfigError(f"unknown fusion head {unknown[0]!r}; known: {', '.join(sorted(FUSION_HEADS))}",
-                          field="--fusion")
-    if not 0 <= cfg.modality_dropout < 1:
-        raise ConfigError(f"--modality-dropout must be in [0, 1), got {cfg.modality_dropout}", field="--modality-dropout")
+    check_multimodal(cfg)
     MultimodalRun(cfg).run()
     return 0
 
