@@ -160,13 +160,13 @@ class PromptedClassifier(nn.Module):
 
 
 def _encoder_layers(encoder: nn.Module) -> list[nn.Module]:
-    return list(_layer_list(encoder))
+    return list(layer_list(encoder))
 
 
 def keep_lower_layers(encoder: nn.Module, n_layers: int) -> int:
     """Drop every layer of a transformers ``encoder`` above its lowest ``n_layers`` (the config follows,
     so the model saves and loads at its new depth); returns how many were dropped."""
-    layers = _layer_list(encoder)
+    layers = layer_list(encoder)
     if not 1 <= n_layers <= len(layers):
         raise ValueError(f"cannot keep {n_layers} layers of {len(layers)}")
     dropped = len(layers) - n_layers
@@ -175,7 +175,7 @@ def keep_lower_layers(encoder: nn.Module, n_layers: int) -> int:
     return dropped
 
 
-def _layer_list(encoder: nn.Module) -> nn.ModuleList:
+def layer_list(encoder: nn.Module) -> nn.ModuleList:
     for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
         obj: Any = encoder
         try:

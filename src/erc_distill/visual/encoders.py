@@ -267,7 +267,9 @@ class HFVisualEncoder(VisualEncoder):
                               "face": False, **({"frames": frames} if self.video else {})}
 
     def layers(self) -> list[nn.Module]:
-        return list(self.model.encoder.layer)
+        from erc_distill.modeling import layer_list
+
+        return list(layer_list(self.model))  # ViT: model.layers (transformers 5), TimeSformer: encoder.layer
 
     def forward(self, pixels: torch.Tensor, frame_mask: torch.Tensor,
                 output_hidden_states: bool = False) -> VisualEncoderOutput:

@@ -91,6 +91,13 @@ class VisualClassifier(nn.Module):
         logits = self.head(self.dropout(features))
         return ModelOutput(logits, features, out.hidden_states)
 
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters from the bottom up, for layer-wise learning rates: [the encoder's parameters outside
+        its layers (stem, embeddings, final norm), layer 0, ..., layer L-1, head]."""
+        layers = [list(layer.parameters()) for layer in self.encoder.layers()]
+        taken = {id(p) for group in layers for p in group}
+        return [[p for p in self.encoder.parameters() if id(p) not in taken], *layers, list(self.head.parameters())]
+
     def keep_lower(self, n_layers: int) -> int:
         raise NotImplementedError("layer dropping is for transformer students; the visual CNNs are already small")
 

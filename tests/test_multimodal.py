@@ -1,0 +1,230 @@
+"""The multimodal run end to end on tiny models and the fixture corpus: the text teacher teaches an audio and
+a visual student (cross-modal KD, joined by example id), fusion heads are trained on the frozen features,
+the fused student is exported with parity and timed; text-only turns and missing modalities work."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+sf = pytest.importorskip("soundfile")
+pytest.importorskip("soxr")
+Image = pytest.importorskip("PIL.Image")
+
+from erc_distill.cli import main  # noqa: E402
+from erc_distill.data.corpora import load_corpus  # noqa: E402
+from erc_distill.errors import ConfigError  # noqa: E402
+
+MELD_FOLDERS = {"train": "train_splits", "dev": "dev_splits_complete", "test": "output_repeated_splits_test"}
+LABEL_HZ = {"neutral": 220, "joy": 330, "surprise": 440, "anger": 550, "sadness": 660, "disgust": 770, "fear": 880}
+
+
+def make_media(data_dir: Path, root: Path, skip_video: set[str] = frozenset()) -> tuple[Path, Path]:
+    """Per fixture turn: a 16 kHz WAV tone (pitch by label) and a folder of 3 PNG frames (colour by label);
+    turns in ``skip_video`` get speech only."""
+    media, frames = root / "media", root / "frames"
+    rng = np.random.default_rng(0)
+    for split, folder in MELD_FOLDERS.items():
+        (media / folder).mkdir(parents=True, exist_ok=True)
+        for d in load_corpus("meld", split, data_dir).dialogues:
+            for t in d.turns:
+                stem = Path(t.media.path).stem
+                hz = LABEL_HZ[t.label]
+                x = np.arange(int(0.6 * 16000)) / 16000
+                sf.write(media / folder / f"{stem}.wav", (0.3 * np.sin(2 * np.pi * hz * x)).astype(np.float32), 16000)
+                if t.example_id in skip_video:
+                    continue
+                out = frames / folder / stem
+                out.mkdir(parents=True)
+                colour = np.array([hz % 256, (hz * 3) % 256, (hz * 7) % 256], np.uint8)
+                for k in range(3):
+                    img = np.clip(colour + rng.integers(-20, 20, (48, 48, 3)), 0, 255).astype(np.uint8)
+                    Image.fromarray(img).save(out / f"{stem}_frame{k}.png")
+    return media, frames
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A finished tiny text run on the fixture corpus, its teacher's output file, and media for every turn."""
+    import shutil
+
+    from erc_distill.data.corpora import CORPORA
+
+    root = tmp_path_factory.mktemp("mm")
+    data = root / "data"
+    spec = CORPORA["meld"]
+    (data / spec.folder).mkdir(parents=True)
+    fixtures = Path(__file__).parent / "fixtures"
+    for split, file in spec.files.items():
+        shutil.copyfile(fixtures / f"meld_{split}.csv", data / spec.folder / file)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(root / "xdg"))
+        common = ["--teacher", "tiny", "--student", "tiny", "--data", "meld", "--data-dir", str(data), "--out",
+                  str(root / "run"), "--cache-dir", str(root / "cache"), "--epochs", "1", "--teacher-epochs", "1",
+                  "--batch-size", "2", "--max-len", "64", "--teacher-max-len", "64"]
+        assert main(["export", *common]) == 0
+        outputs = root / "teacher.npz"
+        assert main(["teacher-outputs", *common, "--to", str(outputs)]) == 0
+    media, frames = make_media(data, root, skip_video={"meld/dev/0/1", "meld/test/0/2"})
+    return {"root": root, "data": data, "run": root / "run", "outputs": outputs, "media": media, "frames": frames,
+            "common": common}
+
+
+def mm_config(run: dict, out: Path, **changes):
+    from erc_distill.fusion.multimodal import BranchTrainConfig, MultimodalConfig
+
+    branch = BranchTrainConfig(epochs=1, batch_size=4, min_train_turns=2, patience=1)
+    cfg = MultimodalConfig(text_run=run["run"], out=out, media_dir=run["media"],
+                           frames_dir=run["frames"], teacher_outputs=(run["outputs"],),
+                           audio_student="tiny-whisper", visual_student="tiny-vit", fusion=("asf", "mag", "mult"),
+                           audio_train=branch, visual_train=branch, fusion_epochs=2, data_dir=run["data"],
+                           profile_turns=3, threads=1, face_detector="none")
+    return replace(cfg, **changes)
+
+
+@pytest.fixture(scope="module")
+def finished(text_run, tmp_path_factory):
+    from erc_distill.fusion.multimodal import MultimodalRun
+
+    out = tmp_path_factory.mktemp("mmrun")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(text_run["root"] / "xdg"))
+        metrics = MultimodalRun(mm_config(text_run, out), log=lambda _: None, progress=False).run()
+    return out, metrics
+
+
+def test_students_learn_from_the_text_teacher(finished):
+    out, m = finished
+    for kind in ("audio", "visual"):
+        info = m["branches"][kind]
+        assert info["trained"] is True, info
+        assert info["loss"] == {"ce": 1.0, "dist": 1.0}  # the cross-modal term, from the teacher's logits
+        assert info["train_turns"] == 9
+        assert (out / kind / "model").is_dir()
+    assert m["branches"]["visual"]["dev_turns"] == 1  # one dev turn has no video: left out, counted
+    assert m["counts"]["dev"] == {"turns": 2, "with_media": 2, "audio": 2, "visual": 1}
+
+
+def test_teacher_targets_are_joined_by_example_id(text_run, tmp_path):
+    """The visual batch's teacher logits are the teacher file's rows for the same turns, whatever the order."""
+    from erc_distill.distill.outputs import read_teacher_outputs
+    from erc_distill.fusion.multimodal import MultimodalRun
+
+    run = MultimodalRun(mm_config(text_run, tmp_path), log=lambda _: None, progress=False)
+    model = run.new_branch("visual")
+    dm = run.branch_data("visual", model, run.teacher_targets(), batch_size=4, seed=0)
+    dm.setup("fit")
+    file = read_teacher_outputs(text_run["outputs"])
+    row = {i: k for k, i in enumerate(file.ids)}
+    seen = 0
+    for batch in dm.train_dataloader():
+        want = torch.from_numpy(np.stack([file.logits[row[i]] for i in batch.example_ids]).astype(np.float32))
+        # the cache holds the (ensemble's) log-probabilities: the same distribution as the file's logits
+        np.testing.assert_allclose(batch.teacher["logits"].log_softmax(-1).numpy(), want.log_softmax(-1).numpy(),
+                                   atol=1e-3)
+        seen += len(batch)
+    assert seen == 9
+
+
+def test_every_head_is_scored_with_and_without_media(finished):
+    _, m = finished
+    scores = m["scores"]
+    for head in ("asf", "mag", "mult"):
+        for name in (f"fused {head} s0", f"fused {head} s0, media hidden"):
+            row = scores[name]
+            assert set(row) == {"media_dev", "media_test", "all_dev", "all_test"}
+            assert all(0 <= v <= 100 for v in row.values())
+    assert {"text student", "text teacher", "audio student alone", "visual student alone"} <= set(scores)
+
+
+def test_fused_student_onnx_matches_pytorch_and_is_timed(finished):
+    out, m = finished
+    edge = m["edge"]
+    assert edge["branches"] == ["text", "audio", "visual"]
+    assert edge["parity_turns"] > 0 and edge["parity_max_abs"] <= 1e-3
+    for f in ("text/model.onnx", "text/model-features-int8.onnx", "audio/model-features-int8.onnx",
+              "visual/model.onnx", "fusion.onnx", "edge.json"):
+        assert (out / "edge" / f).is_file(), f
+    paths = m["latency"]["paths"]
+    assert {"text only (text graph + fusion)", "text + speech", "text + speech + face frames"} <= set(paths)
+    assert all(p["p99_ms"] >= p["p50_ms"] > 0 for p in paths.values())
+    report = (out / "report.md").read_text()
+    assert "media hidden" in report and "p99 ms" in report
+
+
+def test_runtime_answers_text_only_and_partial_turns(finished, text_run):
+    """A turn with no speech and no face, speech only, frames only, and both: each a distribution; masks
+    change the answer only through the fusion head (the text-only answer equals the head with both hidden)."""
+    from erc_distill.fusion.edge import FusedRuntime, load_turn_media
+
+    out, _ = finished
+    rt = FusedRuntime(out / "edge", threads=1, int8=False, face_detector="none")
+    dialogue = load_corpus("meld", "test", text_run["data"]).dialogues[0].turns
+    audio, frames = load_turn_media(dialogue[0], text_run["media"], text_run["frames"], rt.frames)
+    assert audio is not None and frames is not None
+    results = {k: rt.classify(dialogue[:1], *v) for k, v in {
+        "text": (None, None), "speech": (audio, None), "face": (None, frames), "both": (audio, frames)}.items()}
+    assert results["text"].used == ("text",) and results["both"].used == ("text", "audio", "visual")
+    assert results["face"].used == ("text", "visual")
+    for r in results.values():
+        assert r.probabilities.shape == (7,) and abs(float(r.probabilities.sum()) - 1) < 1e-5
+    # the text-only answer is the head with both modalities masked: zeros in, whatever the branch features
+    t = rt.text_features(dialogue[:1])
+    z = rt.fusion_session.run(None, {"text": t, "audio": np.full((1, rt.dims[0]), 5, np.float32),
+                                     "visual": np.full((1, rt.dims[1]), -5, np.float32),
+                                     "audio_mask": np.zeros(1, np.float32), "visual_mask": np.zeros(1, np.float32)})[0]
+    np.testing.assert_allclose(z, rt.logits(dialogue[:1]), atol=1e-5)
+
+
+def test_a_rerun_resumes_without_training(finished, text_run, monkeypatch):
+    from erc_distill.fusion import multimodal
+    from erc_distill.fusion.multimodal import MultimodalRun
+
+    out, first = finished
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished step was trained again")
+
+    monkeypatch.setattr("erc_distill.distill.train.train_model", no_training)
+    monkeypatch.setattr("erc_distill.fusion.train.train_fusion", no_training)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(text_run["root"] / "xdg"))
+    assert multimodal  # imported for the patch targets
+    again = MultimodalRun(mm_config(text_run, out), log=lambda _: None, progress=False).run()
+    assert again["scores"] == first["scores"]
+
+
+def test_bad_multimodal_options_are_named_before_training(text_run, tmp_path, capsys):
+    from erc_distill.fusion.multimodal import MultimodalRun
+
+    with pytest.raises(ConfigError, match="not a finished text run"):
+        MultimodalRun(mm_config(text_run, tmp_path, text_run=tmp_path / "nothing"))
+    with pytest.raises(ConfigError, match="no media"):
+        MultimodalRun(mm_config(text_run, tmp_path, media_dir=None, frames_dir=None))
+    base = ["multimodal", "--text-run", str(text_run["run"]), "--out", str(tmp_path / "o"),
+            "--media-dir", str(text_run["media"])]
+    assert main([*base, "--fusion", "concat"]) == 1
+    assert "unknown fusion head 'concat'" in capsys.readouterr().err
+    assert main([*base, "--modality-dropout", "1.5"]) == 1
+    assert "--modality-dropout" in capsys.readouterr().err
+    assert main(["multimodal", "--text-run", str(text_run["run"]), "--out", str(tmp_path / "o"),
+                 "--media-dir", str(tmp_path / "missing")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_main_command_runs_the_multimodal_stage(text_run, monkeypatch):
+    """`erc-distill ... --audio-student --fusion --media-dir`: the text run, then the multimodal stage in
+    RUN/multimodal (here the fixture is below the branches' minimum, so the pretrained features are used)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(text_run["root"] / "xdg"))
+    args = [*text_run["common"], "--audio-student", "tiny-whisper", "--visual-student", "none", "--fusion", "mag",
+            "--media-dir", str(text_run["media"]), "--quantize-methods", "ort-dynamic"]
+    assert main(args) == 0
+    mm = text_run["run"] / "multimodal"
+    m = json.loads((mm / "metrics.json").read_text())
+    assert m["branches"]["audio"]["trained"] is False and "too few" in m["branches"]["audio"]["why"]
+    assert (mm / "teacher-outputs.npz").is_file()  # the run's own teacher taught the branch
+    assert "fused mag s0" in m["scores"] and m["edge"]["branches"] == ["text", "audio"]
