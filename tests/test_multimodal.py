@@ -228,3 +228,75 @@ def test_main_command_runs_the_multimodal_stage(text_run, monkeypatch):
     assert m["branches"]["audio"]["trained"] is False and "too few" in m["branches"]["audio"]["why"]
     assert (mm / "teacher-outputs.npz").is_file()  # the run's own teacher taught the branch
     assert "fused mag s0" in m["scores"] and m["edge"]["branches"] == ["text", "audio"]
+
+
+def _png(rgb: tuple[int, int, int]) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 40, 3), rgb, np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_stream_with_the_fused_student_takes_speech_and_frames(finished, text_run):
+    """`erc-distill stream --edge`: text-only turns as before, speech as PCM, frames as base64 images or a
+    folder; undecodable frames mask the visual input, malformed fields are line errors; the stream goes on."""
+    import base64
+
+    from erc_distill.fusion.edge import FusedRuntime
+    from erc_distill.runtime import StreamingRecognizer
+    from erc_distill.runtime.stream import serve_lines
+
+    out, _ = finished
+    fused = FusedRuntime(out / "edge", threads=1, face_detector="none")
+    rec = StreamingRecognizer(fused.text, fused=fused)
+    pcm = base64.b64encode((0.3 * np.sin(np.arange(8000) / 5) * 32767).astype("<i2").tobytes()).decode()
+    folder = next((text_run["frames"] / "output_repeated_splits_test").iterdir())
+    lines = [
+        {"conversation": "c", "speaker": "Ross", "text": "Hi."},
+        {"conversation": "c", "speaker": "Rachel", "text": "Oh my God!", "pcm16": pcm, "sample_rate": 16000,
+         "frames": [_png((200, 10, 10)), _png((190, 20, 10)), _png((180, 30, 10))]},
+        {"conversation": "c", "speaker": "Ross", "text": "What?", "video_path": str(folder)},
+        {"conversation": "c", "speaker": "Ross", "text": "Well.", "frames": [base64.b64encode(b"not an image").decode()]},
+        {"conversation": "c", "speaker": "Ross", "text": "x", "frames": "abc"},
+        {"conversation": "c", "speaker": "Ross", "text": "y", "frames": [_png((0, 0, 0))] * 65},
+    ]
+    got = []
+    summary = serve_lines(rec, [json.dumps(x) for x in lines], got.append)
+    rows = [json.loads(x) for x in got]
+    assert rows[0]["modalities"] == ["text"] and "visual" not in rows[0]
+    assert rows[1]["modalities"] == ["text", "audio", "visual"] and rows[1]["visual"] == {"frames": 3, "faces": 0}
+    assert rows[1]["audio"]["label"] in fused.labels  # the speech student's own answer is reported too
+    assert rows[2]["modalities"] == ["text", "visual"] and rows[2]["turn"] == 2
+    assert rows[3]["modalities"] == ["text"] and "not a readable image" in rows[3]["visual"]["error"]
+    assert "list of base64" in rows[4]["error"] and "over the limit of 64" in rows[5]["error"]
+    assert summary["predictions"] == 4 and summary["errors"] == 2
+    assert summary["visual"] == 2 and summary["visual_masked"] == 1 and summary["audio"] == 1
+    # the fused answer of a text-only turn is the head's with both modalities masked (not the text bundle's)
+    np.testing.assert_allclose([rows[0]["probabilities"][k] for k in fused.labels],
+                               FusedRuntime.__dict__["classify"](fused, [_Turn("Ross", "Hi.")]).probabilities, atol=1e-5)
+
+
+class _Turn:
+    def __init__(self, speaker: str, text: str) -> None:
+        self.speaker, self.text = speaker, text
+
+
+def test_frames_need_a_visual_branch(text_run, finished):
+    from erc_distill.errors import DataError
+    from erc_distill.runtime import Bundle, StreamingRecognizer
+    from erc_distill.runtime.stream import serve_lines
+
+    rec = StreamingRecognizer(Bundle.load(text_run["run"] / "bundle"))
+    with pytest.raises(DataError, match="no visual branch"):
+        rec.push("Ross", "Hi.", frames=[np.zeros((8, 8, 3), np.uint8)])
+    got = []
+    serve_lines(rec, [json.dumps({"speaker": "Ross", "text": "Hi.", "frames": [_png((1, 2, 3))]})], got.append)
+    assert "no visual branch" in json.loads(got[0])["error"]
+    assert rec.stats()["open"] == 0  # the bad turn left no conversation behind
+
+
+def test_stream_edge_flag_names_a_wrong_folder(text_run, capsys):
+    assert main(["stream", "--edge", str(text_run["run"])]) == 1
+    assert "not a fused student's edge folder" in capsys.readouterr().err

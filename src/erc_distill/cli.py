@@ -339,7 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("stream", help="classify turns read as JSON lines from stdin with an exported bundle")
-    p.add_argument("--bundle", type=Path, required=True, help="bundle folder (runs/NAME/bundle)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--bundle", type=Path, help="bundle folder (runs/NAME/bundle)")
+    where.add_argument("--edge", type=Path, help="a fused student (RUN/multimodal/edge): turns may carry speech "
+                       "('pcm16' / 'audio_path') and video ('frames' / 'video_path')")
+    p.add_argument("--float", action="store_true", help="--edge: the float text / audio graphs, not INT8")
+    p.add_argument("--face-detector", choices=("auto", "mediapipe", "none"), default="auto",
+                   help="--edge: how faces are found in frames")
     p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--max-text-chars", type=_positive_int, default=2000, help="longer turns are rejected")
     p.add_argument("--max-conversations", type=_positive_int, default=1000,
@@ -588,9 +594,20 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from erc_distill.runtime.stream import serve_lines
 
     audio = None if args.audio_bundle is None else AudioBundle.load(args.audio_bundle, threads=args.threads)
-    recognizer = StreamingRecognizer(Bundle.load(args.bundle, threads=args.threads), max_text_chars=args.max_text_chars,
+    fused = None
+    if args.edge is not None:
+        from erc_distill.fusion.edge import FusedRuntime
+
+        if not FusedRuntime.is_edge(args.edge):
+            raise ConfigError(f"{args.edge} is not a fused student's edge folder (no edge.json); it is written by "
+                              "`erc-distill multimodal` in OUT/edge", field="--edge")
+        fused = FusedRuntime(args.edge, threads=args.threads, int8=not args.float, face_detector=args.face_detector)
+        bundle = fused.text
+    else:
+        bundle = Bundle.load(args.bundle, threads=args.threads)
+    recognizer = StreamingRecognizer(bundle, max_text_chars=args.max_text_chars,
                                      max_conversations=args.max_conversations, idle_ttl_s=args.idle_ttl,
-                                     audio_bundle=audio, max_audio_seconds=args.max_audio_seconds)
+                                     audio_bundle=audio, max_audio_seconds=args.max_audio_seconds, fused=fused)
 
     def write(line: str) -> None:
         sys.stdout.write(line + "\n")

@@ -174,52 +174,82 @@ class FusedRuntime:
         """Face crops (or whole frames) of ``frames`` (:class:`~erc_distill.media.frames.Frames` or images)."""
         return self.cropper.crop(frames).images
 
+    @classmethod
+    def is_edge(cls, folder: str | Path) -> bool:
+        """Whether ``folder`` is a fused student's ``edge/`` (it has ``edge.json``)."""
+        return (Path(folder) / "edge.json").is_file()
+
     def text_features(self, history: Sequence[Any]) -> np.ndarray:
         """The text graph's features [1, Dt] of the last turn of ``history`` (objects with speaker, text)."""
         stream = self.builder.stream()
         for t in history:
             x = stream.push(t.speaker, t.text)
+        return self.input_features(x)
+
+    def input_features(self, x: Any) -> np.ndarray:
+        """The text graph's features [1, Dt] of one built input (:class:`~erc_distill.data.context.ModelInput`)."""
         feed = {"input_ids": np.array([x.input_ids], np.int64), "attention_mask": np.ones((1, len(x.input_ids)), np.int64),
                 "mask_index": np.array([x.mask_index], np.int64)}
         return self.text_session.run(None, feed)[1]
 
     def audio_features(self, samples: np.ndarray) -> np.ndarray:
+        """The audio graph's pooled features [1, Da] of mono 16 kHz float samples (log-mel computed here)."""
         features, lengths = self.audio.features([samples])
         return self.audio_session.run(None, {"features": features, "lengths": lengths.astype(np.int64)})[1]
 
-    def visual_features(self, frames: Any) -> np.ndarray:
+    def visual_features(self, frames: Any) -> tuple[np.ndarray, int, int]:
+        """The visual graph's features [1, Dv] of a turn's frames (:class:`~erc_distill.media.frames.Frames`
+        or RGB uint8 images; face-cropped here, at most ``self.frames`` of them, uniformly picked), and
+        how many frames were used and in how many a face was found."""
         from erc_distill.media.frames import frames_to_array, uniform_indices
 
-        crops = self.crops(frames)
-        if len(crops) > self.frames:
-            crops = [crops[i] for i in uniform_indices(len(crops), self.frames)]
+        crops = self.cropper.crop(frames)
+        images = crops.images
+        if len(images) > self.frames:
+            images = [images[i] for i in uniform_indices(len(images), self.frames)]
         p = self.visual_pre
         size, channels = int(p["size"]), 1 if p["grayscale"] else 3
         pixels = np.zeros((1, self.frames, channels, size, size), np.float32)
         mask = np.zeros((1, self.frames), bool)
-        pixels[0, : len(crops)] = frames_to_array(crops, size, p["mean"], p["std"], p["grayscale"])
-        mask[0, : len(crops)] = True
-        return self.visual_session.run(None, {"pixels": pixels, "frame_mask": mask})[1]
+        pixels[0, : len(images)] = frames_to_array(images, size, p["mean"], p["std"], p["grayscale"])
+        mask[0, : len(images)] = True
+        return self.visual_session.run(None, {"pixels": pixels, "frame_mask": mask})[1], len(images), crops.found
 
-    def logits(self, history: Sequence[Any], audio: np.ndarray | None = None, frames: Any = None) -> np.ndarray:
-        """Fused logits [1, C] of the last turn of ``history``, with its speech / frames when given."""
-        t = self.text_features(history)
+    def fuse(self, x: Any, audio: np.ndarray | None = None,
+             frames: Any = None) -> tuple[np.ndarray, tuple[str, ...], dict[str, int] | None]:
+        """Fused logits [1, C] of one built input with its speech / frames when given (a modality this
+        edge has no branch for is ignored), the modalities used, and with frames ``{"frames": used,
+        "faces": frames with a face found}``."""
+        t = self.input_features(x)
         a = np.zeros((1, self.dims[0]), np.float32)
         v = np.zeros((1, self.dims[1]), np.float32)
         am = np.zeros(1, np.float32)
         vm = np.zeros(1, np.float32)
+        used, seen = ["text"], None
         if audio is not None and self.audio_session is not None:
             a, am = self.audio_features(audio), np.ones(1, np.float32)
+            used.append("audio")
         if frames is not None and self.visual_session is not None:
-            v, vm = self.visual_features(frames), np.ones(1, np.float32)
-        return self.fusion_session.run(None, {"text": t, "audio": a, "visual": v, "audio_mask": am,
-                                              "visual_mask": vm})[0]
+            v, n, faces = self.visual_features(frames)
+            vm, seen = np.ones(1, np.float32), {"frames": n, "faces": faces}
+            used.append("visual")
+        z = self.fusion_session.run(None, {"text": t, "audio": a, "visual": v, "audio_mask": am, "visual_mask": vm})[0]
+        return z, tuple(used), seen
+
+    def logits(self, history: Sequence[Any], audio: np.ndarray | None = None, frames: Any = None) -> np.ndarray:
+        """Fused logits [1, C] of the last turn of ``history``, with its speech / frames when given."""
+        stream = self.builder.stream()
+        for t in history:
+            x = stream.push(t.speaker, t.text)
+        return self.fuse(x, audio, frames)[0]
 
     def classify(self, history: Sequence[Any], audio: np.ndarray | None = None, frames: Any = None) -> TurnResult:
         t0 = time.perf_counter()
-        p = _softmax(self.logits(history, audio, frames))[0]
-        used = ("text",) + (("audio",) if audio is not None and self.audio_session is not None else ()) + \
-               (("visual",) if frames is not None and self.visual_session is not None else ())
+        stream = self.builder.stream()
+        for t in history:
+            x = stream.push(t.speaker, t.text)
+        z, used, _ = self.fuse(x, audio, frames)
+        p = _softmax(z)[0]
         return TurnResult(p, self.labels[int(p.argmax())], used, 1000 * (time.perf_counter() - t0))
 
 

@@ -9,6 +9,11 @@ then also classifies the clip (decode + log-mel + the audio graph) and the predi
 answer in ``audio``. A clip that cannot be used (missing file, undecodable, too short) is masked for
 the turn: the text prediction still comes, with ``audio_error`` saying why.
 
+With a fused student (:class:`~erc_distill.fusion.edge.FusedRuntime`, the ``edge/`` folder of an
+``erc-distill multimodal`` run) the turn's label is the fusion head's: text features, plus the speech
+and the video frames the turn carries, each masked when absent or unusable (a turn with only text is
+answered from text, as before). :attr:`Prediction.modalities` says which were used.
+
 A recognizer runs for hours on whatever it is fed, so it is bounded: a text longer than
 ``max_text_chars`` is rejected (:class:`~erc_distill.errors.DataError`; the caller decides whether to
 cut it and retry), at most ``max_conversations`` contexts are kept (the least recently used one is
@@ -74,6 +79,12 @@ class Prediction:
     """The audio bundle's answer when the turn came with a usable clip."""
     audio_error: str | None = None
     """Why the turn's clip was masked (missing, unreadable, too short), when it was."""
+    modalities: tuple[str, ...] = ("text",)
+    """What the label was computed from (a fused student: ``text`` plus ``audio`` / ``visual``)."""
+    visual: dict[str, int] | None = None
+    """With frames: ``{"frames": used, "faces": frames where a face was found}``."""
+    visual_error: str | None = None
+    """Why the turn's frames were masked, when they were."""
 
 
 def _check_text(value: Any, field: str, limit: int, setting: str) -> str:
@@ -102,6 +113,10 @@ class StreamingRecognizer:
     carry; ``max_audio_seconds``: longer clips keep their first ``max_audio_seconds`` (the cut is
     reported in :attr:`AudioPrediction.cut_seconds`, never silent).
 
+    ``fused``: a :class:`~erc_distill.fusion.edge.FusedRuntime` (``bundle`` is then its text bundle):
+    the label is the fusion head's, from the text and whatever speech / frames the turn carries;
+    ``max_frames``: most frames accepted with one turn (the visual branch samples its own count).
+
     ``evicted`` and ``expired`` count the conversations dropped by each bound, ``ended`` those closed
     with :meth:`end`; :meth:`stats` returns them with the number open.
     """
@@ -109,7 +124,7 @@ class StreamingRecognizer:
     def __init__(self, bundle: Bundle, max_text_chars: int = 2000, max_conversations: int = 1000,
                  idle_ttl_s: float | None = 3600.0, clock: Callable[[], float] = time.monotonic, *,
                  max_name_chars: int = MAX_NAME_CHARS, audio_bundle: Any = None,
-                 max_audio_seconds: float = 30.0) -> None:
+                 max_audio_seconds: float = 30.0, fused: Any = None, max_frames: int = 64) -> None:
         if max_text_chars < 1:
             raise ValueError(f"max_text_chars must be >= 1, got {max_text_chars}")
         if max_conversations < 1:
@@ -122,6 +137,12 @@ class StreamingRecognizer:
             raise ValueError(f"max_audio_seconds must be > 0, got {max_audio_seconds}")
         if audio_bundle is not None and getattr(audio_bundle, "modality", None) != "audio":
             raise ValueError(f"audio_bundle must be an AudioBundle, got {type(audio_bundle).__name__}")
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        self.fused = fused
+        self.max_frames = max_frames
+        if fused is not None and audio_bundle is None:
+            audio_bundle = getattr(fused, "audio", None)  # the fused student's own speech branch
         self.bundle = bundle
         self.audio_bundle = audio_bundle
         self.max_audio_seconds = float(max_audio_seconds)
@@ -224,12 +245,27 @@ class StreamingRecognizer:
         not a 1-D float array, and :class:`~erc_distill.media.MediaError` for a clip too short to
         classify (under :data:`MIN_AUDIO_SAMPLES`) or holding non-finite samples.
         """
-        from erc_distill.media.audio import TARGET_RATE, AudioClip, MediaError
+        from erc_distill.media.audio import TARGET_RATE
 
         if self.audio_bundle is None:
             raise DataError("this recognizer has no audio bundle (pass audio_bundle=, or --audio-bundle to "
                             "erc-distill stream)", field="audio")
         start = time.perf_counter()
+        samples, cut = self.check_samples(audio)
+        p = self.audio_bundle.probabilities([samples])[0]
+        if not np.isfinite(p).all():
+            bundle = self.audio_bundle
+            raise BundleError(f"{bundle.folder / bundle.model_file}: the graph returned non-finite logits for a "
+                              f"{len(samples) / TARGET_RATE:.2f} s clip")
+        labels = self.audio_bundle.labels
+        return AudioPrediction(labels[int(p.argmax())], {label: float(v) for label, v in zip(labels, p)},
+                               1000 * (time.perf_counter() - start), len(samples) / TARGET_RATE, cut)
+
+    def check_samples(self, audio: Any) -> tuple[np.ndarray, float]:
+        """A clip as float32 16 kHz samples cut to ``max_audio_seconds``, and the seconds cut; the errors of
+        :meth:`classify_audio`."""
+        from erc_distill.media.audio import TARGET_RATE, AudioClip, MediaError
+
         cut = 0.0
         if isinstance(audio, AudioClip):
             if audio.sample_rate != TARGET_RATE:
@@ -253,16 +289,34 @@ class StreamingRecognizer:
         samples = np.asarray(samples, dtype=np.float32)
         if not np.isfinite(samples).all():
             raise MediaError("the clip holds non-finite samples", file="<audio>")
-        p = self.audio_bundle.probabilities([samples])[0]
-        if not np.isfinite(p).all():
-            bundle = self.audio_bundle
-            raise BundleError(f"{bundle.folder / bundle.model_file}: the graph returned non-finite logits for a "
-                              f"{len(samples) / TARGET_RATE:.2f} s clip")
-        labels = self.audio_bundle.labels
-        return AudioPrediction(labels[int(p.argmax())], {label: float(v) for label, v in zip(labels, p)},
-                               1000 * (time.perf_counter() - start), len(samples) / TARGET_RATE, cut)
+        return samples, cut
 
-    def push(self, speaker: str, text: str, conversation: str = "default", audio: Any = None) -> Prediction:
+    def check_frames(self, frames: Any) -> list[np.ndarray]:
+        """A turn's frames as a list of uint8 RGB ``[H, W, 3]`` images: a :class:`~erc_distill.media.frames.Frames`,
+        a uint8 ``[N, H, W, 3]`` array or a list of ``[H, W, 3]`` arrays (at most ``max_frames``).
+        Raises :class:`DataError` (``field="frames"``) otherwise, or without a visual branch."""
+        from erc_distill.media.frames import Frames
+
+        if self.fused is None or getattr(self.fused, "visual_session", None) is None:
+            raise DataError("this recognizer has no visual branch (a fused student's edge folder with a visual "
+                            "student: erc-distill stream --edge RUN/multimodal/edge)", field="frames")
+        images = list(frames.images) if isinstance(frames, Frames) else list(frames) \
+            if isinstance(frames, (list, tuple, np.ndarray)) else None
+        if images is None:
+            raise DataError(f"expected Frames, an array or a list of images, got {type(frames).__name__}", field="frames")
+        if not images:
+            raise DataError("no frames given", field="frames")
+        if len(images) > self.max_frames:
+            raise DataError(f"{len(images)} frames, over the limit of {self.max_frames} (max_frames)", field="frames")
+        for i, im in enumerate(images):
+            if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3 \
+                    or min(im.shape[:2]) < 1:
+                what = f"a {im.dtype} array of shape {im.shape}" if isinstance(im, np.ndarray) else type(im).__name__
+                raise DataError(f"frame {i}: expected uint8 RGB [H, W, 3], got {what}", field="frames")
+        return images
+
+    def push(self, speaker: str, text: str, conversation: str = "default", audio: Any = None,
+             frames: Any = None) -> Prediction:
         """Classify the next turn of ``conversation`` (a new id starts a new conversation).
 
         Raises :class:`DataError` for a turn that fails :meth:`check_turn` or whose input cannot be
@@ -273,9 +327,17 @@ class StreamingRecognizer:
         ``audio``: the turn's speech, as :meth:`classify_audio` takes it (needs an audio bundle); a
         clip that cannot be classified is masked (:attr:`Prediction.audio_error` says why) and the
         text prediction still comes.
+
+        ``frames``: the turn's video frames, as :meth:`check_frames` takes them (needs a fused student
+        with a visual branch). With a fused student the label is the fusion head's, from the text and
+        the speech / frames that could be used.
         """
         from erc_distill.media.audio import MediaError
 
+        if self.fused is not None:
+            return self._push_fused(speaker, text, conversation, audio, frames)
+        if frames is not None:
+            self.check_frames(frames)  # raises: no visual branch
         audio_prediction, audio_error = None, None
         if audio is not None:
             self.check_turn(speaker, text, conversation)  # a bad turn costs no audio inference
@@ -287,6 +349,32 @@ class StreamingRecognizer:
         if audio is None:
             return prediction
         return dataclasses.replace(prediction, audio=audio_prediction, audio_error=audio_error)
+
+    def _push_fused(self, speaker: str, text: str, conversation: str, audio: Any, frames: Any) -> Prediction:
+        from erc_distill.media.audio import MediaError
+
+        self.check_turn(speaker, text, conversation)
+        images = self.check_frames(frames) if frames is not None else None
+        samples = audio_prediction = audio_error = None
+        if audio is not None:
+            try:
+                samples, _ = self.check_samples(audio)
+                audio_prediction = self.classify_audio(audio)  # the speech student's own answer, reported too
+            except MediaError as err:
+                audio_error = str(err)
+        turn = self.prepare(speaker, text, conversation)
+        try:
+            z, used, visual = self.fused.fuse(turn.input, samples, images)
+        except BaseException as err:
+            self.cancel(turn)
+            if isinstance(err, ValueError) and not isinstance(err, UserError):
+                raise DataError(f"cannot build this turn's input: {err}") from err
+            raise
+        z = z[0] - z[0].max()
+        p = np.exp(z) / np.exp(z).sum()
+        prediction = self.complete(turn, p)
+        return dataclasses.replace(prediction, audio=audio_prediction, audio_error=audio_error, modalities=used,
+                                   visual=visual)
 
     def _push_text(self, speaker: str, text: str, conversation: str) -> Prediction:
         turn = self.prepare(speaker, text, conversation)
@@ -374,6 +462,10 @@ LINE_OVERHEAD_BYTES = 4096
 PCM_RATE_FOR_LIMIT = 48_000
 """The line limit leaves room for ``max_audio_seconds`` of base64 PCM at up to this rate."""
 
+FRAME_BYTES_FOR_LIMIT = 256 * 1024
+"""With a visual branch, the line limit leaves room for ``max_frames`` encoded images of up to this size
+(a 640×480 JPEG is ~50 KB)."""
+
 
 def default_line_limit(recognizer: StreamingRecognizer) -> int:
     """Longest line :func:`serve_lines` parses: any text under ``max_text_chars`` however it is escaped,
@@ -381,7 +473,13 @@ def default_line_limit(recognizer: StreamingRecognizer) -> int:
     limit = LINE_BYTES_PER_CHAR * recognizer.max_text_chars + LINE_OVERHEAD_BYTES
     if recognizer.audio_bundle is not None:
         limit += 4 * math.ceil(2 * PCM_RATE_FOR_LIMIT * recognizer.max_audio_seconds / 3)
+    if _has_visual(recognizer):
+        limit += 4 * math.ceil(FRAME_BYTES_FOR_LIMIT * recognizer.max_frames / 3)
     return limit
+
+
+def _has_visual(recognizer: StreamingRecognizer) -> bool:
+    return getattr(recognizer.fused, "visual_session", None) is not None
 
 
 def _bounded_lines(lines: Iterable[str | bytes], limit: int) -> Iterator[tuple[str | bytes | None, int, str]]:
@@ -440,6 +538,12 @@ def serve_lines(recognizer: StreamingRecognizer, lines: Iterable[str | bytes], w
     when the clip is masked (a missing or unreadable file, too short). A line with audio to a stream
     without an audio bundle, both keys, or a malformed ``pcm16`` / ``sample_rate`` is a line error.
 
+    With a fused student (``recognizer.fused``) the label is the fusion head's and the prediction
+    carries ``"modalities"``; a turn may also carry its video, one of ``"frames"``: a list of base64
+    JPEG / PNG images in time order (at most ``recognizer.max_frames``), or ``"video_path"``: a video file
+    or a folder of frame images. Its prediction then carries ``"visual": {"frames", "faces"}``, or
+    ``"visual": {"error": ...}`` when the frames could not be decoded (the turn is answered without them).
+
     Output, through ``write`` (called with one JSON text per line, without the newline):
     ``{"conversation", "turn", "speaker", "label", "probabilities", "latency_ms"}`` per turn, or
     ``{"error": "line N: ...", "line": N}`` for a line that cannot be used: not UTF-8, not JSON, not
@@ -461,6 +565,8 @@ def serve_lines(recognizer: StreamingRecognizer, lines: Iterable[str | bytes], w
     summary = {"lines": 0, "blank": 0, "predictions": 0, "errors": 0, "ended": 0}
     if recognizer.audio_bundle is not None:
         summary.update(audio=0, audio_masked=0)
+    if _has_visual(recognizer):
+        summary.update(visual=0, visual_masked=0)
     evicted, expired = recognizer.evicted, recognizer.expired
     number = 0
     for raw, size, unit in _bounded_lines(lines, limit):
@@ -484,8 +590,9 @@ def serve_lines(recognizer: StreamingRecognizer, lines: Iterable[str | bytes], w
         else:
             summary["predictions"] += "label" in out
             summary["ended"] += bool(out.get("ended"))
-            if "audio" in out:
-                summary["audio_masked" if "error" in out["audio"] else "audio"] += 1
+            for kind in ("audio", "visual"):
+                if kind in out:
+                    summary[f"{kind}_masked" if "error" in out[kind] else kind] += 1
         write(json.dumps(out))
     summary.update(evicted=recognizer.evicted - evicted, expired=recognizer.expired - expired,
                    open=len(recognizer.conversations))
@@ -524,9 +631,17 @@ def _serve_one(recognizer: StreamingRecognizer, raw: str | bytes, number: int) -
         if key not in turn:
             raise DataError(f"missing {key!r}")
     audio, decode_ms, audio_error = _turn_audio(recognizer, turn)
-    p = recognizer.push(turn["speaker"], turn["text"], conversation, audio=audio)  # masked clip: text only
+    frames, frames_error = _turn_frames(recognizer, turn)
+    # a masked clip or unusable frames: the turn is answered without them
+    p = recognizer.push(turn["speaker"], turn["text"], conversation, audio=audio, frames=frames)
     out: dict[str, Any] = {"conversation": p.conversation, "turn": p.turn, "speaker": p.speaker, "label": p.label,
                            "probabilities": _rounded(p.probabilities), "latency_ms": round(p.latency_ms, 3)}
+    if recognizer.fused is not None:
+        out["modalities"] = list(p.modalities)
+    if p.visual is not None:
+        out["visual"] = dict(p.visual)
+    elif frames_error is not None:
+        out["visual"] = {"error": frames_error}
     if p.audio is not None:
         a = p.audio
         out["audio"] = {"label": a.label, "probabilities": _rounded(a.probabilities),
@@ -541,6 +656,60 @@ def _serve_one(recognizer: StreamingRecognizer, raw: str | bytes, number: int) -
 
 def _rounded(probabilities: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 6) for k, v in probabilities.items()}
+
+
+def _turn_frames(recognizer: StreamingRecognizer, turn: dict[str, Any]) -> tuple[list[np.ndarray] | None, str | None]:
+    """``(frames or None, masked reason or None)`` for a line's ``frames`` (a list of base64 JPEG / PNG
+    images, in time order) or ``video_path`` (a video file or a folder of frame images, sampled to the
+    visual branch's count). A malformed field is a :class:`DataError`; an image or video that cannot be
+    decoded masks the turn's visual input (its reason returned)."""
+    keys = [k for k in ("frames", "video_path") if k in turn]
+    if not keys:
+        return None, None
+    if len(keys) == 2:
+        raise DataError("give the turn's video as 'frames' or as 'video_path', not both", field="frames")
+    key = keys[0]
+    if not _has_visual(recognizer):
+        raise DataError("this stream has no visual branch; start it with --edge (a multimodal run's edge folder "
+                        "with a visual student)", field=key)
+    from erc_distill.media.audio import MediaError
+
+    if key == "video_path":
+        if not isinstance(turn[key], str):
+            raise DataError(f"must be a string, got {json_type(turn[key])}", field=key)
+        from erc_distill.media.frames import load_frames
+
+        try:
+            return list(load_frames(Path(turn[key]).expanduser(), recognizer.fused.frames).images), None
+        except MediaError as err:
+            return None, str(err)
+        except ImportError as err:  # a video needs PyAV (the audio extra)
+            return None, f"cannot decode {turn[key]!r}: {err}"
+    items = turn[key]
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        raise DataError(f"must be a list of base64 strings (JPEG / PNG), got {json_type(items)}", field=key)
+    if not items:
+        raise DataError("an empty list", field=key)
+    if len(items) > recognizer.max_frames:
+        raise DataError(f"{len(items)} frames, over the limit of {recognizer.max_frames} (max_frames)", field=key)
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for i, item in enumerate(items):
+        try:
+            data = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise DataError(f"frame {i}: not base64 ({err})", field=key) from None
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > 4096 * 4096:
+                    return None, f"frame {i}: {im.width}x{im.height} pixels, over 4096x4096"
+                images.append(np.asarray(im.convert("RGB")))
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            return None, f"frame {i}: not a readable image ({type(err).__name__}: {err})"[:300]
+    return images, None
 
 
 def _turn_audio(recognizer: StreamingRecognizer, turn: dict[str, Any]) -> tuple[Any, float, str | None]:
