@@ -110,6 +110,19 @@ def test_students_learn_from_the_text_teacher(finished):
     assert m["counts"]["dev"] == {"turns": 2, "with_media": 2, "audio": 2, "visual": 1}
 
 
+def test_a_trained_teacher_also_teaches_through_its_features(text_run, tmp_path, monkeypatch):
+    """Without output files the text run's own teacher cache (logits + features) teaches: TelME's feature
+    term joins CE + DIST, through a projection to the teacher's width."""
+    from erc_distill.fusion.multimodal import MultimodalRun
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(text_run["root"] / "xdg"))
+    cfg = mm_config(text_run, tmp_path, teacher_outputs=(), visual_student=None, fusion=("mag",))
+    run = MultimodalRun(cfg, log=lambda _: None, progress=False)
+    assert run.teacher_files == () and run.run_cache is not None
+    model, _, info = run.branch("audio")
+    assert info["trained"] is True and info["loss"] == {"ce": 1.0, "dist": 1.0, "feature": 0.5}
+
+
 def test_teacher_targets_are_joined_by_example_id(text_run, tmp_path):
     """The visual batch's teacher logits are the teacher file's rows for the same turns, whatever the order."""
     from erc_distill.distill.outputs import read_teacher_outputs
@@ -226,7 +239,7 @@ def test_main_command_runs_the_multimodal_stage(text_run, monkeypatch):
     mm = text_run["run"] / "multimodal"
     m = json.loads((mm / "metrics.json").read_text())
     assert m["branches"]["audio"]["trained"] is False and "too few" in m["branches"]["audio"]["why"]
-    assert (mm / "teacher-outputs.npz").is_file()  # the run's own teacher taught the branch
+    assert "teacher-cache" in m["teacher_outputs"][0]  # the run's own teacher (its cache) is the text teacher
     assert "fused mag s0" in m["scores"] and m["edge"]["branches"] == ["text", "audio"]
 
 

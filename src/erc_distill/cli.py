@@ -246,19 +246,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     dump_config(cfg, out / "config.yaml")
     run_pipeline(ctx, stages, force=args.force)
     if multimodal is not None:
-        from dataclasses import replace
-
         from erc_distill.fusion.multimodal import MultimodalRun
 
-        if not multimodal.teacher_outputs and cfg.trains_teacher:  # the run's own teacher teaches the branches
-            from erc_distill.stages.teacher_outputs import export_teacher_outputs
-
-            target = out / "multimodal" / "teacher-outputs.npz"
-            if not target.is_file():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                export_teacher_outputs(ctx, target)
-            multimodal = replace(multimodal, teacher_outputs=(target,))
-        MultimodalRun(multimodal).run()
+        MultimodalRun(multimodal).run()  # the run's teacher (its outputs, or its cache) teaches the branches
     print(f"\nrun folder: {out}")
     metrics_file = out / "metrics.json"
     if metrics_file.is_file():

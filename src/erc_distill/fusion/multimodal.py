@@ -15,8 +15,10 @@ Steps (each kept in ``--out`` and skipped when its inputs are unchanged, so a ki
                        media and on all turns (the rest text-only); per-turn latency of each path
     report.md          the same, readable
 
-The text teacher is the text run's ``--teacher-outputs`` (or ``--teacher-outputs`` here): its logits
-teach the non-verbal students and the fusion head (logit terms only: output files carry no features).
+The text teacher is ``--teacher-outputs`` here, else the text run's own: its ``--teacher-outputs`` files
+(logits only: the branches learn with CE + DIST), or the teacher it trained, whose cache holds logits
+and features (train and dev turns): the branches then also learn TelME's similarity-KL feature term
+(``feature``, through a learned projection to the teacher's width).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class BranchTrainConfig:
     head_lr: float = 1e-3
     patience: int = 2
     loss: dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "dist": 1.0})
+    feature: float = 0.5
+    """Weight of TelME's feature term, added to ``loss`` when the teacher's features are known."""
     tau: float = 4.0
     min_train_turns: int = 16
     seed: int = 0
@@ -105,6 +109,24 @@ def _weighted_f1(logits: np.ndarray, labels: np.ndarray, names: Sequence[str]) -
     return 100 * float(m.to_dict()["weighted_f1"])
 
 
+def _run_teacher_cache(run: Path) -> Path | None:
+    """The teacher cache a text run made with its own teacher (from its manifest), if it is still there."""
+    try:
+        manifest = json.loads((run / "manifest.json").read_text())
+        folder = Path(manifest["stages"]["cache"]["artifacts"]["cache"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    return folder if (folder / "key.json").is_file() else None
+
+
+def _feature_width(teacher: Any) -> int | None:
+    """The teacher's feature width when its cache holds features (a trained teacher's), else None."""
+    if teacher is None or not getattr(teacher, "arrays", None):
+        return None
+    arrays = next(iter(teacher.arrays.values()))
+    return int(arrays["features"].shape[1]) if "features" in arrays else None
+
+
 # -- the run -------------------------------------------------------------------------------------------
 
 class MultimodalRun:
@@ -125,6 +147,7 @@ class MultimodalRun:
         self.corpus = self.text_cfg.data
         self.data_dir = cfg.data_dir or self.text_cfg.data_dir
         self.teacher_files = tuple(Path(p) for p in (cfg.teacher_outputs or self.text_cfg.teacher_outputs or ()))
+        self.run_cache = None if self.teacher_files else _run_teacher_cache(run)
         for f in self.teacher_files:
             if not Path(f).is_file():
                 raise ConfigError(f"teacher outputs {f} not found", field="--teacher-outputs")
@@ -151,9 +174,14 @@ class MultimodalRun:
         return [t for d in load_corpus(self.corpus, split, self.data_dir).dialogues for t in d.turns]
 
     def teacher_targets(self) -> Any:
-        """The text teacher's logits for every turn, as a teacher cache (None without teacher outputs)."""
+        """The text teacher's targets as a teacher cache: the output files' logits for every turn, or the text
+        run's own cache (logits + features of train and dev turns); None when there is no teacher."""
         if not self.teacher_files:
-            return None
+            if self.run_cache is None:
+                return None
+            from erc_distill.distill.cache import TeacherCache
+
+            return TeacherCache(self.run_cache)
         if self._targets is None:
             from erc_distill.fusion.data import output_targets
 
@@ -168,7 +196,10 @@ class MultimodalRun:
         train = c.audio_train if kind == "audio" else c.visual_train
         media = c.media_dir if kind == "audio" else (c.frames_dir or c.media_dir)
         return {"student": name, "train": asdict(train), "media": str(media), "corpus": self.corpus,
-                "teacher": [str(p) for p in self.teacher_files], "face_detector": c.face_detector}
+                "teacher": self.teacher_id(), "face_detector": c.face_detector}
+
+    def teacher_id(self) -> list[str]:
+        return [str(p) for p in self.teacher_files] or ([str(self.run_cache)] if self.run_cache else [])
 
     def new_branch(self, kind: str) -> Any:
         if kind == "audio":
@@ -221,6 +252,9 @@ class MultimodalRun:
                                 "media": {s: vars(r) if not hasattr(r, "as_dict") else r.as_dict()
                                           for s, r in dm.reports.items()}}
         weights = dict(train_cfg.loss) if teacher is not None else {"ce": 1.0}
+        teacher_dim = _feature_width(teacher)
+        if teacher_dim is not None and train_cfg.feature > 0:
+            weights["feature"] = train_cfg.feature
         if n_train < train_cfg.min_train_turns or n_dev == 0:
             info["trained"] = False
             info["why"] = (f"{n_train} train / {n_dev} dev turns with {kind}: too few to learn from "
@@ -228,7 +262,7 @@ class MultimodalRun:
             self.log(f"{kind} student {key['student']}: {info['why']}")
         else:
             objective = build_objective(LossConfig(weights=weights, tau=train_cfg.tau), len(self.labels),
-                                        model.hidden_size)
+                                        model.hidden_size, teacher_dim)
             self.log(f"{kind} student {key['student']}: {n_train} train / {n_dev} dev turns; {objective}")
             result = train_model(model, objective, dm, _train_config(train_cfg), folder / "train", self.progress)
             info.update(trained=True, loss=weights, train=asdict(result))
@@ -265,7 +299,7 @@ class MultimodalRun:
 
         folder = self.out / "features"
         key = {"text_run": str(self.cfg.text_run), "branches": {k: self.branch_key(k) for k in branches},
-               "teacher": [str(p) for p in self.teacher_files]}
+               "teacher": self.teacher_id()}
         if _done(folder, key):
             return {s: BranchFeatures.load(folder / f"{s}.npz") for s in SPLITS}
         folder.mkdir(parents=True, exist_ok=True)
@@ -294,7 +328,8 @@ class MultimodalRun:
                     rows = [row[i] for i in b_ids]
                     feats[rows], logits[rows], mask[rows] = b_f.numpy(), b_z.numpy(), True
                 parts[kind] = (feats, logits, mask)
-            t_logits = teacher.lookup(list(ids))["logits"].numpy() if teacher is not None else None
+            known = teacher is not None and all(i in teacher for i in ids)  # a run's own cache has no test rows
+            t_logits = teacher.lookup(list(ids))["logits"].numpy() if known else None
             data = BranchFeatures(tuple(ids), labels, f_text.numpy(), parts["audio"][0], parts["visual"][0],
                                   parts["audio"][2], parts["visual"][2], z_text.numpy(), parts["audio"][1],
                                   parts["visual"][1], t_logits)
@@ -328,7 +363,7 @@ class MultimodalRun:
 
         score("text student", {w: {s: d[s].text_logits for s in ("dev", "test")} for w, d in
                                (("media", media), ("all", feats))})
-        if feats["train"].teacher_logits is not None:
+        if feats["dev"].teacher_logits is not None and feats["test"].teacher_logits is not None:
             score("text teacher", {w: {s: d[s].teacher_logits for s in ("dev", "test")} for w, d in
                                    (("media", media), ("all", feats))})
         for kind in ("audio", "visual"):
@@ -396,8 +431,8 @@ class MultimodalRun:
         latency = profile_fused(self.out / "edge", self.turns("test"), self.cfg.media_dir,
                                 self.cfg.frames_dir or self.cfg.media_dir, self.cfg.profile_turns, self.cfg.threads,
                                 self.cfg.face_detector, log=self.log)
-        metrics = {"corpus": self.corpus, "text_run": str(self.cfg.text_run), "teacher_outputs":
-                   [str(p) for p in self.teacher_files], "branches": infos, "counts": fused["media_counts"],
+        metrics = {"corpus": self.corpus, "text_run": str(self.cfg.text_run), "teacher_outputs": self.teacher_id(),
+                   "branches": infos, "counts": fused["media_counts"],
                    "scores": fused["scores"], "edge": edge, "latency": latency,
                    "wall_s": round(time.perf_counter() - t0, 1)}
         from erc_distill.atomic import write_text
@@ -413,7 +448,7 @@ class MultimodalRun:
 def render_report(m: dict[str, Any]) -> str:
     """metrics.json as Markdown: counts, the accuracy table, the latency table."""
     lines = [f"# Multimodal run on {m['corpus']}", "",
-             f"text run `{m['text_run']}`; teacher outputs {', '.join(m['teacher_outputs']) or 'none'}", ""]
+             f"text run `{m['text_run']}`; text teacher: {', '.join(m['teacher_outputs']) or 'none'}", ""]
     lines += ["| split | turns | with media | audio | visual |", "|---|---:|---:|---:|---:|"]
     for s, c in m["counts"].items():
         lines.append(f"| {s} | {c['turns']} | {c['with_media']} | {c['audio']} | {c['visual']} |")
