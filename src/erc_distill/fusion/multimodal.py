@@ -458,10 +458,13 @@ def render_report(m: dict[str, Any]) -> str:
                       f"{k}={v:g}" for k, v in info["loss"].items()) if info.get("trained") else info.get("why", ""))]
     cols = ("media_dev", "media_test", "all_dev", "all_test")
     lines += ["", "Weighted F1 (%): *media* = turns with audio or video; *all* = every turn of the split "
-              "(the rest answered from text alone, media masked).", "",
-              "| model | media dev | media test | all dev | all test |", "|---|---:|---:|---:|---:|"]
-    for name, r in m["scores"].items():
-        lines.append(f"| {name} | " + " | ".join("" if r.get(c) is None else f"{r[c]:.2f}" for c in cols) + " |")
+              "(the rest answered from text alone, media masked). Fusion heads: mean ± std over seeds "
+              f"({', '.join(str(s) for s in _seeds(m['scores'])) or '-'}); Δ = fused − text student on the same "
+              "turns (per seed, then mean ± std).", "",
+              "| model | media dev | media test | all dev | all test | Δ media test | Δ all test |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, cells in summarise_scores(m["scores"]).items():
+        lines.append(f"| {name} | " + " | ".join(cells.get(c, "") for c in (*cols, "d_media_test", "d_all_test")) + " |")
     e = m.get("edge") or {}
     if e:
         lines += ["", f"Edge graphs: end-to-end parity (ONNX Runtime vs PyTorch, fused logits) max |Δ| "
@@ -474,3 +477,33 @@ def render_report(m: dict[str, Any]) -> str:
             lines.append(f"| {name} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} |")
     lines += ["", f"wall {m.get('wall_s', 0):.0f} s", ""]
     return "\n".join(lines)
+
+
+def _seeds(scores: dict[str, Any]) -> list[int]:
+    import re
+
+    return sorted({int(m.group(1)) for k in scores for m in [re.search(r" s(\d+)(,|$)", k)] if m})
+
+
+def summarise_scores(scores: dict[str, dict[str, float]]) -> dict[str, dict[str, str]]:
+    """Rows for the report: single models as they are; ``fused HEAD sN[, media hidden]`` rows grouped per
+    head over seeds as ``mean ± std``, with the paired difference to the text student (per seed)."""
+    import re
+
+    groups: dict[str, list[dict[str, float]]] = {}
+    for name, row in scores.items():
+        m = re.fullmatch(r"(fused \S+) s\d+(, media hidden)?", name)
+        groups.setdefault(m.group(1) + (m.group(2) or "") if m else name, []).append(row)
+    text = scores.get("text student", {})
+    out: dict[str, dict[str, str]] = {}
+    for name, rows in groups.items():
+        cells: dict[str, str] = {}
+        for col in ("media_dev", "media_test", "all_dev", "all_test"):
+            vals = np.array([r[col] for r in rows if r.get(col) is not None and not np.isnan(r[col])])
+            if len(vals):
+                cells[col] = f"{vals.mean():.2f}" + (f" ± {vals.std(ddof=1):.2f}" if len(vals) > 1 else "")
+            if col.endswith("test") and name.startswith("fused") and text.get(col) is not None and len(vals):
+                d = vals - text[col]
+                cells[f"d_{col}"] = f"{d.mean():+.2f}" + (f" ± {d.std(ddof=1):.2f}" if len(d) > 1 else "")
+        out[name + (f" ({len(rows)} seeds)" if name.startswith("fused") and len(rows) > 1 else "")] = cells
+    return out
