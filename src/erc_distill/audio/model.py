@@ -68,12 +68,11 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
-class AudioClassifier(nn.Module):
-    """Speech encoder + masked mean pooling + head. ``forward(inputs, lengths)``: ``inputs`` log-mel
-    ``[B, 80, T]`` (Whisper) or samples ``[B, N]`` (waveform encoders), ``lengths`` ``[B]`` valid
-    frames / samples of each row; :meth:`prepare` makes both from clips."""
+class PooledClassifier(nn.Module):
+    """A non-verbal branch: ``encoder`` (with ``hidden_size`` and ``num_layers``) + masked mean pooling +
+    dropout + a linear head over ``labels``; ``source`` names where the encoder came from."""
 
-    def __init__(self, encoder: AudioEncoder, labels: tuple[str, ...], dropout: float = 0.1, source: str = "") -> None:
+    def __init__(self, encoder: nn.Module, labels: tuple[str, ...], dropout: float = 0.1, source: str = "") -> None:
         super().__init__()
         self.encoder = encoder
         self.labels = tuple(labels)
@@ -89,6 +88,15 @@ class AudioClassifier(nn.Module):
     @property
     def num_layers(self) -> int:
         return self.encoder.num_layers
+
+
+class AudioClassifier(PooledClassifier):
+    """Speech encoder + masked mean pooling + head. ``forward(inputs, lengths)``: ``inputs`` log-mel
+    ``[B, 80, T]`` (Whisper) or samples ``[B, N]`` (waveform encoders), ``lengths`` ``[B]`` valid
+    frames / samples of each row; :meth:`prepare` makes both from clips."""
+
+    def __init__(self, encoder: AudioEncoder, labels: tuple[str, ...], dropout: float = 0.1, source: str = "") -> None:
+        super().__init__(encoder, labels, dropout, source)
 
     @property
     def input_kind(self) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from erc_distill.audio.model import masked_mean
+from erc_distill.audio.model import PooledClassifier, masked_mean
 from erc_distill.media.frames import DEFAULT_FRAMES, frames_to_array
 from erc_distill.modeling import ModelOutput, saved_weights_present
 from erc_distill.visual.encoders import VisualEncoder, load_visual_encoder
@@ -35,28 +35,14 @@ from erc_distill.visual.encoders import VisualEncoder, load_visual_encoder
 MODEL_FORMAT = "visual-classifier/1"
 
 
-class VisualClassifier(nn.Module):
+class VisualClassifier(PooledClassifier):
     """Visual encoder + masked mean over tokens + head. ``forward(pixels, frame_mask)``; :meth:`prepare`
     makes both from each clip's crops."""
 
     def __init__(self, encoder: VisualEncoder, labels: tuple[str, ...], dropout: float = 0.1, source: str = "",
                  frames: int = DEFAULT_FRAMES) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.labels = tuple(labels)
-        self.source = source
+        super().__init__(encoder, labels, dropout, source)
         self.frames = int(encoder.preprocessing.get("frames") or frames)
-        self.dropout_p = dropout
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.hidden_size, len(labels))
-
-    @property
-    def hidden_size(self) -> int:
-        return self.encoder.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.encoder.num_layers
 
     @property
     def preprocessing(self) -> dict[str, Any]:
