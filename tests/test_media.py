@@ -314,8 +314,12 @@ def test_meld_clip_convention(fixture_data, tmp_path):
     where = locate_clip(t, media)
     assert where.start is None and where.end is None  # StartTime/EndTime are episode times: the clip is cut already
     media.mkdir()
-    (media / "dia0_utt2.wav").write_bytes(b"")  # a media dir that is the split folder, audio extracted
-    assert resolve_media(t, media) == media / "dia0_utt2.wav"
+    (media / "dia0_utt2.wav").write_bytes(b"")  # flat, but which split's? MELD reuses names in every split
+    assert resolve_media(t, media) == media / "train_splits" / "dia0_utt2.mp4"  # not taken: named as missing
+    split = tmp_path / "train_splits"  # a media dir that is the split folder itself, audio extracted
+    split.mkdir()
+    (split / "dia0_utt2.wav").write_bytes(b"")
+    assert resolve_media(t, split) == split / "dia0_utt2.wav"
     (media / "train_splits").mkdir()
     (media / "train_splits" / "dia0_utt2.mp4").write_bytes(b"")
     assert resolve_media(t, media) == media / "train_splits" / "dia0_utt2.mp4"

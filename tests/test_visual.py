@@ -94,19 +94,44 @@ def _meld_turn(dialogue: int, utt: int) -> SimpleNamespace:
 
 
 def test_locate_frames_layouts(tmp_path):
-    _write_numbered_video(tmp_path / "dia1_utt0.mp4", 4)  # a MELD clip in the media dir itself
-    (tmp_path / "train_splits" / "dia2_utt0").mkdir(parents=True)  # a frame folder per clip
-    assert locate_frames(_meld_turn(1, 0), tmp_path) == tmp_path / "dia1_utt0.mp4"
-    assert locate_frames(_meld_turn(2, 0), tmp_path) == tmp_path / "train_splits" / "dia2_utt0"
+    flat = tmp_path / "train_splits"  # --frames-dir pointing at the split folder itself
+    flat.mkdir()
+    _write_numbered_video(flat / "dia1_utt0.mp4", 4)
+    (flat / "dia2_utt0").mkdir(parents=True)  # a frame folder per clip
+    assert locate_frames(_meld_turn(1, 0), flat) == flat / "dia1_utt0.mp4"
+    assert locate_frames(_meld_turn(1, 0), tmp_path) == flat / "dia1_utt0.mp4"
+    assert locate_frames(_meld_turn(2, 0), tmp_path) == flat / "dia2_utt0"
     assert locate_frames(_meld_turn(3, 0), tmp_path) is None  # no video: masked, not an error
     assert locate_frames(_meld_turn(1, 0), None) is None
 
 
+def test_a_split_folder_never_lends_frames_or_clips_to_another_split(tmp_path):
+    """MELD reuses dia{D}_utt{U} in every split: train's dia1_utt0 is not dev's dia1_utt0."""
+    from erc_distill.media.clips import locate_clip
+
+    train = tmp_path / "train_splits"
+    train.mkdir()
+    _write_numbered_video(train / "dia1_utt0.mp4", 4)
+    (train / "dia1").mkdir()
+    (train / "dia1" / "dia1_utt1_frame0.jpg").write_bytes(b"")
+    dev = SimpleNamespace(media=MediaRef(path="dev_splits_complete/dia1_utt0.mp4"))
+    dev1 = SimpleNamespace(media=MediaRef(path="dev_splits_complete/dia1_utt1.mp4"))
+    for media in (tmp_path, train):
+        assert locate_frames(dev, media) is None and locate_frames(dev1, media) is None
+    dev_turn = SimpleNamespace(corpus="meld", media=MediaRef(path="dev_splits_complete/dia1_utt0.mp4"))
+    for media in (tmp_path, train):
+        assert not locate_clip(dev_turn, media).path.is_file()
+    train_turn = SimpleNamespace(corpus="meld", media=MediaRef(path="train_splits/dia1_utt0.mp4"))
+    assert locate_clip(train_turn, train).path == train / "dia1_utt0.mp4"  # the split folder itself
+
+
 @pytest.mark.realdata
-def test_locate_and_crop_real_meld_frames(real_data):
+def test_locate_and_crop_real_meld_frames(real_data, tmp_path):
     """MELD train dialogue 65 (24 real frames, EMISSOR's names): every turn finds its frames; the face
     detector finds faces on most of them, and crops are face-sized squares."""
-    media = real_data / DIA65[0]
+    media = tmp_path / "frames"  # MELD.Raw's layout: the real frames are train dialogue 65
+    (media / "train_splits").mkdir(parents=True)
+    (media / "train_splits" / "dia65").symlink_to(real_data.joinpath(*DIA65))
     located = [locate_frames(_meld_turn(65, u), media) for u in range(4)]
     assert [len(x) for x in located] == [5, 2, 2, 15]
     frames = load_frames(located[3], 8)

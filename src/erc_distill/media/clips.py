@@ -5,8 +5,9 @@ Corpus conventions (:func:`locate_clip`; ``media_dir`` is the ``--media-dir`` fo
 - **MELD** (and MELD dyadic): ``Turn.media.path`` is ``{split folder}/dia{D}_utt{U}.mp4`` with the
   folders of MELD.Raw (``train_splits``, ``dev_splits_complete``, ``output_repeated_splits_test``;
   the dyadic variant keeps MELD's original dialogue / utterance numbers), relative to
-  ``media_dir``. Found as ``media_dir/<split folder>/<name>``, else ``media_dir/<name>`` (a media
-  dir that is the split folder itself), each also with a ``.wav`` / ``.flac`` of the same stem
+  ``media_dir``. Found as ``media_dir/<split folder>/<name>``, else ``media_dir/<name>`` when the media
+  dir is that split folder itself (its name is the turn's split folder: MELD reuses ``dia{D}_utt{U}``
+  in every split, so a flat folder of one split never lends its clips to another's turns), each also with a ``.wav`` / ``.flac`` of the same stem
   (audio extracted beforehand). The clip is the utterance: the CSV's StartTime / EndTime are
   positions in the episode and are not applied.
 - **IEMOCAP**: ``Wav_Path``, absolute or relative to ``media_dir`` (``Video_Path`` when there is
@@ -69,6 +70,16 @@ def _under(path: str, media_dir: Path | None) -> Path | None:
     return None if media_dir is None else media_dir / p
 
 
+def split_folder_place(rel: str, media_dir: Path) -> Path | None:
+    """``media_dir/<name of rel>`` when ``media_dir`` is itself the folder ``rel`` names (``train_splits``
+    for ``train_splits/dia65_utt0.mp4``) or ``rel`` names no folder; else None. File names that repeat
+    across splits (MELD's) are then never taken from another split's folder."""
+    parent = Path(rel).parent.name
+    if parent and Path(media_dir).name != parent:
+        return None
+    return Path(media_dir) / Path(rel).name
+
+
 def _first_existing(candidates: Sequence[Path]) -> Path:
     for candidate in candidates:
         if candidate.is_file():
@@ -87,7 +98,8 @@ def _meld(turn: Turn, ref: MediaRef, media_dir: Path | None) -> MediaSource | No
     primary = _under(ref.path, media_dir)
     if primary is None:
         return None
-    places = [primary] if Path(ref.path).is_absolute() else [primary, media_dir / Path(ref.path).name]
+    flat = None if Path(ref.path).is_absolute() else split_folder_place(ref.path, media_dir)
+    places = [primary] + ([flat] if flat is not None else [])
     candidates = [p for place in places for p in (place, *(place.with_suffix(s) for s in _AUDIO_SIBLINGS))]
     return MediaSource(_first_existing(candidates))
 

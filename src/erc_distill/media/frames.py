@@ -291,11 +291,12 @@ def locate_frames(turn: Any, media_dir: str | Path | None = None) -> Path | list
     masked for the visual branch, not an error).
 
     For the turn's media path (``train_splits/dia65_utt3.mp4`` for MELD; ``video_path`` first where
-    a corpus has one), relative to ``media_dir`` or, by name, directly in it, the first that exists:
+    a corpus has one), relative to ``media_dir`` or, by name, directly in it when ``media_dir`` is that
+    split folder itself (MELD's names repeat across splits), the first that exists:
     the video with any of :data:`VIDEO_SUFFIXES`; a folder named after it (``dia65_utt3/``); images
     named ``<stem>_frame*`` beside it or in a folder of the dialogue (``dia65/dia65_utt3_frame48_9416.jpg``,
     the layout of MELD frame dumps such as EMISSOR's)."""
-    from erc_distill.media.clips import _under
+    from erc_distill.media.clips import _under, split_folder_place
 
     ref = turn.media
     if ref is None or not (ref.video_path or ref.path):
@@ -306,7 +307,9 @@ def locate_frames(turn: Any, media_dir: str | Path | None = None) -> Path | list
         return None
     places = [primary]
     if media_dir is not None and not Path(rel).is_absolute():
-        places.append(Path(media_dir).expanduser() / Path(rel).name)
+        flat = split_folder_place(rel, Path(media_dir).expanduser())
+        if flat is not None and flat != primary:
+            places.append(flat)
     for place in places:
         stem = place.with_suffix("") if place.suffix.lower() in (*VIDEO_SUFFIXES, ".wav", ".flac") else place
         for video in (stem.with_suffix(s) for s in VIDEO_SUFFIXES):
