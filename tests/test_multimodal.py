@@ -164,10 +164,12 @@ def test_fused_student_onnx_matches_pytorch_and_is_timed(finished):
               "visual/model.onnx", "fusion.onnx", "edge.json"):
         assert (out / "edge" / f).is_file(), f
     paths = m["latency"]["paths"]
-    assert {"text only (text graph + fusion)", "text + speech", "text + speech + face frames"} <= set(paths)
+    assert {"text only", "text + speech", "text + speech + face frames"} <= set(paths)
+    assert {"context + tokenize", "text graph", "speech decode", "speech log-mel + graph", "frames decode",
+            "face crop", "visual graph", "fusion graph"} <= set(m["latency"]["parts_p50_ms"])
     assert all(p["p99_ms"] >= p["p50_ms"] > 0 for p in paths.values())
     report = (out / "report.md").read_text()
-    assert "media hidden" in report and "p99 ms" in report
+    assert "media hidden" in report and "p99 ms" in report and "Where the time goes" in report
 
 
 def test_runtime_answers_text_only_and_partial_turns(finished, text_run):

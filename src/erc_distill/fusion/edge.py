@@ -197,14 +197,16 @@ class FusedRuntime:
         features, lengths = self.audio.features([samples])
         return self.audio_session.run(None, {"features": features, "lengths": lengths.astype(np.int64)})[1]
 
-    def visual_features(self, frames: Any) -> tuple[np.ndarray, int, int]:
+    def visual_features(self, frames: Any, timings: dict[str, float] | None = None) -> tuple[np.ndarray, int, int]:
         """The visual graph's features [1, Dv] of a turn's frames (:class:`~erc_distill.media.frames.Frames`
         or RGB uint8 images; face-cropped here, at most ``self.frames`` of them, uniformly picked), and
         how many frames were used and in how many a face was found."""
         from erc_distill.media.frames import frames_to_array, uniform_indices
 
+        t0 = time.perf_counter()
         crops = self.cropper.crop(frames)
         images = crops.images
+        t1 = time.perf_counter()
         if len(images) > self.frames:
             images = [images[i] for i in uniform_indices(len(images), self.frames)]
         p = self.visual_pre
@@ -213,27 +215,41 @@ class FusedRuntime:
         mask = np.zeros((1, self.frames), bool)
         pixels[0, : len(images)] = frames_to_array(images, size, p["mean"], p["std"], p["grayscale"])
         mask[0, : len(images)] = True
-        return self.visual_session.run(None, {"pixels": pixels, "frame_mask": mask})[1], len(images), crops.found
+        v = self.visual_session.run(None, {"pixels": pixels, "frame_mask": mask})[1]
+        if timings is not None:
+            timings["face crop"] = t1 - t0
+            timings["visual graph"] = time.perf_counter() - t1
+        return v, len(images), crops.found
 
-    def fuse(self, x: Any, audio: np.ndarray | None = None,
-             frames: Any = None) -> tuple[np.ndarray, tuple[str, ...], dict[str, int] | None]:
+    def fuse(self, x: Any, audio: np.ndarray | None = None, frames: Any = None,
+             timings: dict[str, float] | None = None) -> tuple[np.ndarray, tuple[str, ...], dict[str, int] | None]:
         """Fused logits [1, C] of one built input with its speech / frames when given (a modality this
         edge has no branch for is ignored), the modalities used, and with frames ``{"frames": used,
-        "faces": frames with a face found}``."""
+        "faces": frames with a face found}``. ``timings``: filled with seconds per part (text graph,
+        speech features + graph, face crop, visual graph, fusion graph)."""
+        clock = time.perf_counter
+        t0 = clock()
         t = self.input_features(x)
+        t1 = clock()
         a = np.zeros((1, self.dims[0]), np.float32)
         v = np.zeros((1, self.dims[1]), np.float32)
         am = np.zeros(1, np.float32)
         vm = np.zeros(1, np.float32)
         used, seen = ["text"], None
+        parts: dict[str, float] = {"text graph": t1 - t0}
         if audio is not None and self.audio_session is not None:
             a, am = self.audio_features(audio), np.ones(1, np.float32)
             used.append("audio")
+            parts["speech log-mel + graph"] = clock() - t1
         if frames is not None and self.visual_session is not None:
-            v, n, faces = self.visual_features(frames)
+            v, n, faces = self.visual_features(frames, parts)
             vm, seen = np.ones(1, np.float32), {"frames": n, "faces": faces}
             used.append("visual")
+        t2 = clock()
         z = self.fusion_session.run(None, {"text": t, "audio": a, "visual": v, "audio_mask": am, "visual_mask": vm})[0]
+        parts["fusion graph"] = clock() - t2
+        if timings is not None:
+            timings.update(parts)
         return z, tuple(used), seen
 
     def logits(self, history: Sequence[Any], audio: np.ndarray | None = None, frames: Any = None) -> np.ndarray:
@@ -296,50 +312,71 @@ def _turns_with_media(turns: Sequence[Any], media_dir: Path | None, frames_dir: 
 def profile_fused(folder: str | Path, test_turns: Sequence[Any], media_dir: Path | None, frames_dir: Path | None,
                   n_turns: int = 100, threads: int = 2, face_detector: str = "auto",
                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Per-turn latency (batch 1, ``threads`` ONNX Runtime threads) of: the text graph alone, text + speech
-    (decoded from the file, log-mel, audio graph, fusion), and text + speech + 8 video frames (decode, face
-    crop, visual graph) where frames exist; INT8 text / audio graphs. p50 / p99 over ``n_turns`` test turns."""
+    """Per-turn latency (batch 1, ``threads`` ONNX Runtime threads, INT8 text / audio graphs) as the robot
+    runs it: each dialogue a rolling context (every turn tokenized once), and for ``n_turns`` test turns
+    with speech: text only (context + text graph + fusion), text + speech (+ WAV decode, log-mel, speech
+    graph) and text + speech + 8 frames (+ JPEG decode, face detection and crop, visual graph; the frames
+    are a real frame folder's, the test turns having none). p50 / p99 per path, and p50 per part."""
     from erc_distill.machine import machine_info, machine_summary
-
-    runtime = FusedRuntime(folder, threads=threads, int8=True, face_detector=face_detector)
-    turns = _turns_with_media(test_turns, media_dir, frames_dir, n_turns)
-    frames_source = None
-    if runtime.visual_session is not None and frames_dir is not None:
-        from erc_distill.media.frames import list_frame_images
-
-        candidates = [p for p in Path(frames_dir).rglob("*") if p.is_dir() and list_frame_images(p)]
-        frames_source = candidates[0] if candidates else None
-    times: dict[str, list[float]] = {"text only (text graph + fusion)": [], "text + speech": []}
-    if frames_source is not None:
-        times["text + speech + face frames"] = []
     from erc_distill.media.audio import load_audio
     from erc_distill.media.clips import locate_clip
-    from erc_distill.media.frames import load_frames
+    from erc_distill.media.frames import list_frame_images, load_frames
 
+    runtime = FusedRuntime(folder, threads=threads, int8=True, face_detector=face_detector)
+    picked = _turns_with_media(test_turns, media_dir, frames_dir, n_turns)
+    frames_source = None
+    if runtime.visual_session is not None and frames_dir is not None:
+        candidates = sorted(p for p in Path(frames_dir).rglob("*") if p.is_dir() and list_frame_images(p))
+        frames_source = candidates[0] if candidates else None
+    paths = ["text only", "text + speech"] + (["text + speech + face frames"] if frames_source else [])
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    parts: dict[str, list[float]] = {}
+    clock = time.perf_counter
+    wanted: dict[int, tuple[list[Any], set[int]]] = {}
+    for dialogue, index in picked:
+        wanted.setdefault(id(dialogue), (dialogue, set()))[1].add(index)
     for _ in range(3):  # warm-up
-        dialogue, index = turns[0]
-        runtime.logits(dialogue[: index + 1])
-    for dialogue, index in turns:
-        history = dialogue[: index + 1]
-        t0 = time.perf_counter()
-        runtime.logits(history)
-        times["text only (text graph + fusion)"].append(time.perf_counter() - t0)
-        where = locate_clip(history[-1], media_dir) if media_dir is not None else None
-        if where is None or not where.path.is_file():
-            continue
-        t0 = time.perf_counter()
-        audio = load_audio(where.path, start=where.start, end=where.end).samples
-        runtime.logits(history, audio)
-        times["text + speech"].append(time.perf_counter() - t0)
-        if frames_source is not None:
-            t0 = time.perf_counter()
+        runtime.logits(picked[0][0][: picked[0][1] + 1])
+    for dialogue, indices in wanted.values():
+        stream = runtime.builder.stream()
+        for i, turn in enumerate(dialogue[: max(indices) + 1]):
+            t0 = clock()
+            x = stream.push(turn.speaker, turn.text)
+            build = clock() - t0
+            if i not in indices:
+                continue
+            runs: dict[str, dict[str, float]] = {}
+            t0 = clock()
+            runtime.fuse(x, timings=runs.setdefault("text only", {}))
+            times["text only"].append(build + clock() - t0)
+            where = locate_clip(turn, media_dir) if media_dir is not None else None
+            if where is None or not where.path.is_file():
+                continue
+            t0 = clock()
             audio = load_audio(where.path, start=where.start, end=where.end).samples
-            runtime.logits(history, audio, load_frames(frames_source, runtime.frames))
-            times["text + speech + face frames"].append(time.perf_counter() - t0)
-    paths = {name: {"p50_ms": 1000 * float(np.percentile(v, 50)), "p99_ms": 1000 * float(np.percentile(v, 99)),
-                    "n": len(v)} for name, v in times.items() if v}
-    out = {"threads": threads, "turns": len(turns), "int8": True, "cpu": machine_summary(machine_info()), "paths": paths,
+            decode = clock() - t0
+            runtime.fuse(x, audio, timings=runs.setdefault("text + speech", {}))
+            times["text + speech"].append(build + clock() - t0)
+            if frames_source is not None:
+                t0 = clock()
+                audio = load_audio(where.path, start=where.start, end=where.end).samples
+                t1 = clock()
+                frames = load_frames(frames_source, runtime.frames)
+                t2 = clock()
+                full = runs.setdefault("text + speech + face frames", {"speech decode": t1 - t0,
+                                                                       "frames decode": t2 - t1})
+                runtime.fuse(x, audio, frames, timings=full)
+                times["text + speech + face frames"].append(build + clock() - t0)
+            last = runs.get("text + speech + face frames") or runs["text + speech"]
+            last.setdefault("speech decode", decode)
+            for name, sec in {"context + tokenize": build, **last}.items():
+                parts.setdefault(name, []).append(sec)
+    ms = lambda v, q: 1000 * float(np.percentile(v, q))  # noqa: E731
+    out_paths = {name: {"p50_ms": ms(v, 50), "p99_ms": ms(v, 99), "n": len(v)} for name, v in times.items() if v}
+    out = {"threads": threads, "turns": len(picked), "int8": True, "cpu": machine_summary(machine_info()),
+           "paths": out_paths, "parts_p50_ms": {k: ms(v, 50) for k, v in parts.items()},
            "frames_source": str(frames_source) if frames_source else None}
-    for name, p in paths.items():
+    for name, p in out_paths.items():
         log(f"latency {name}: p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms (n={p['n']})")
+    log("parts (p50 ms): " + ", ".join(f"{k} {v:.1f}" for k, v in out["parts_p50_ms"].items()))
     return out

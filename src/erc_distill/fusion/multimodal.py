@@ -475,6 +475,9 @@ def render_report(m: dict[str, Any]) -> str:
                   f"{lat.get('turns')} test turns, batch 1):", "", "| path | p50 ms | p99 ms |", "|---|---:|---:|"]
         for name, p in lat["paths"].items():
             lines.append(f"| {name} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} |")
+        if lat.get("parts_p50_ms"):
+            lines += ["", "Where the time goes (p50 ms a turn, the fullest path): " + ", ".join(
+                f"{k} {v:.1f}" for k, v in lat["parts_p50_ms"].items()) + "."]
     lines += ["", f"wall {m.get('wall_s', 0):.0f} s", ""]
     return "\n".join(lines)
 
