@@ -315,3 +315,19 @@ def test_frames_need_a_visual_branch(text_run, finished):
 def test_stream_edge_flag_names_a_wrong_folder(text_run, capsys):
     assert main(["stream", "--edge", str(text_run["run"])]) == 1
     assert "not a fused student's edge folder" in capsys.readouterr().err
+
+
+def test_video_in_train_only_leaves_dev_and_test_text_and_speech(text_run, tmp_path, monkeypatch):
+    """Real frames exist for a few train dialogues only (the shared dia65): the visual student is left as it
+    is (no dev turn to choose it on), dev / test turns carry no visual input, and the run still finishes."""
+    from erc_distill.fusion.multimodal import MultimodalRun
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(text_run["root"] / "xdg"))
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "train_splits").symlink_to(text_run["frames"] / "train_splits")
+    cfg = mm_config(text_run, tmp_path / "out", frames_dir=frames, fusion=("mag",), profile_turns=2)
+    m = MultimodalRun(cfg, log=lambda _: None, progress=False).run()
+    assert m["branches"]["visual"]["trained"] is False and "0 dev" in m["branches"]["visual"]["why"]
+    assert m["counts"]["train"]["visual"] == 9 and m["counts"]["dev"]["visual"] == 0 == m["counts"]["test"]["visual"]
+    assert "visual student alone" not in m["scores"]

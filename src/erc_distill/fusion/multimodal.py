@@ -322,7 +322,7 @@ class MultimodalRun:
                 feats = np.zeros((len(ids), width), np.float32)
                 logits = np.zeros((len(ids), C), np.float32)
                 mask = np.zeros(len(ids), bool)
-                if kind in branches:
+                if kind in branches and len(branches[kind][1].examples_of(split)):  # a split may have none
                     model, bdm = branches[kind]
                     b_ids, b_z, b_f, _ = predict(model, bdm.eval_dataloader(split))
                     rows = [row[i] for i in b_ids]
