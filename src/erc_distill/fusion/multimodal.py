@@ -109,6 +109,23 @@ def _weighted_f1(logits: np.ndarray, labels: np.ndarray, names: Sequence[str]) -
     return 100 * float(m.to_dict()["weighted_f1"])
 
 
+def describe_media(folder: Path | None) -> dict[str, Any] | None:
+    """What a media folder is: its path and, when it was made by ``bench/synth_meld_media.py`` (a
+    ``manifest.json`` with ``synthetic: true``), that it is synthetic and how it was made."""
+    if folder is None:
+        return None
+    out: dict[str, Any] = {"path": str(folder), "synthetic": False}
+    try:
+        manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return out
+    if isinstance(manifest, dict) and manifest.get("synthetic"):
+        voice = manifest.get("voice") or {}
+        out.update(synthetic=True, note=manifest.get("note", ""), voice=Path(str(voice.get("file", ""))).name,
+                   slice=(manifest.get("slice") or {}).get("dialogues_per_split"))
+    return out
+
+
 def _run_teacher_cache(run: Path) -> Path | None:
     """The teacher cache a text run made with its own teacher (from its manifest), if it is still there."""
     try:
@@ -439,6 +456,8 @@ class MultimodalRun:
         from erc_distill.machine import machine_info
 
         metrics["machine"] = machine_info()
+        metrics["media"] = {"speech": describe_media(self.cfg.media_dir),
+                            "frames": describe_media(self.cfg.frames_dir or self.cfg.media_dir)}
         write_text(self.out / "metrics.json", json.dumps(metrics, indent=2, default=str))
         write_text(self.out / "report.md", render_report(metrics))
         self.log(render_report(metrics))
@@ -449,6 +468,10 @@ def render_report(m: dict[str, Any]) -> str:
     """metrics.json as Markdown: counts, the accuracy table, the latency table."""
     lines = [f"# Multimodal run on {m['corpus']}", "",
              f"text run `{m['text_run']}`; text teacher: {', '.join(m['teacher_outputs']) or 'none'}", ""]
+    speech = (m.get("media") or {}).get("speech") or {}
+    if speech.get("synthetic"):
+        lines += [f"**Speech is synthetic** ({speech.get('voice', 'TTS')}, dialogues {speech.get('slice')}): "
+                  f"{speech.get('note', '')} Every row that uses audio is marked *(synthetic speech)*.", ""]
     lines += ["| split | turns | with media | audio | visual |", "|---|---:|---:|---:|---:|"]
     for s, c in m["counts"].items():
         lines.append(f"| {s} | {c['turns']} | {c['with_media']} | {c['audio']} | {c['visual']} |")
@@ -464,6 +487,8 @@ def render_report(m: dict[str, Any]) -> str:
               "| model | media dev | media test | all dev | all test | Δ media test | Δ all test |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for name, cells in summarise_scores(m["scores"]).items():
+        if speech.get("synthetic") and (name.startswith("fused") and "hidden" not in name or name.startswith("audio")):
+            name += " *(synthetic speech)*"
         lines.append(f"| {name} | " + " | ".join(cells.get(c, "") for c in (*cols, "d_media_test", "d_all_test")) + " |")
     e = m.get("edge") or {}
     if e:
