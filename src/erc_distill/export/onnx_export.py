@@ -169,14 +169,19 @@ def fuse_transformer(path: str | Path, out_path: str | Path, model: PromptedClas
     return stats
 
 
-def ort_session(path: str | Path, threads: int | None = None):
-    """A CPU ONNX Runtime session with full graph optimisation (``threads``: intra-op threads)."""
+def ort_session(path: str | Path, threads: int | None = None, spin: bool = True):
+    """A CPU ONNX Runtime session with full graph optimisation (``threads``: intra-op threads). ``spin``
+    False: its threads sleep as soon as a run ends instead of spinning for more work — for several
+    sessions taking turns on few cores (the fused student's branches), where one's spinning threads
+    would take the cores the next one needs."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

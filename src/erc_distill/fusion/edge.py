@@ -151,7 +151,7 @@ class FusedRuntime:
         self.labels = tuple(self.meta["labels"])
         suffix = INT8_SUFFIX if int8 else ""
         self.text = Bundle.load(self.folder / "text", threads=threads, verify=False)
-        self.text_session = ort_session(self.folder / "text" / f"model-features{suffix}.onnx", threads)
+        self.text_session = ort_session(self.folder / "text" / f"model-features{suffix}.onnx", threads, spin=False)
         self.builder = self.text.builder()
         self.audio_session = self.visual_session = None
         self.frames = 0
@@ -159,14 +159,14 @@ class FusedRuntime:
             from erc_distill.runtime.audio_bundle import AudioBundle
 
             self.audio = AudioBundle.load(self.folder / "audio", threads=threads, verify=False)
-            self.audio_session = ort_session(self.folder / "audio" / f"model-features{suffix}.onnx", threads)
+            self.audio_session = ort_session(self.folder / "audio" / f"model-features{suffix}.onnx", threads, spin=False)
         if "visual" in self.meta["branches"]:
             vmeta = json.loads((self.folder / "visual" / "visual.json").read_text())
             self.visual_pre = vmeta["preprocessing"]
             self.frames = int(vmeta["frames"])
-            self.visual_session = ort_session(self.folder / "visual" / "model.onnx", threads)
+            self.visual_session = ort_session(self.folder / "visual" / "model.onnx", threads, spin=False)
             self.cropper = FaceCropper(detector=face_detector if self.visual_pre.get("face") else "none")
-        self.fusion_session = ort_session(self.folder / "fusion.onnx", threads)
+        self.fusion_session = ort_session(self.folder / "fusion.onnx", threads, spin=False)
         f = self.meta["fusion"]
         self.dims = (f["audio_dim"], f["visual_dim"])
 
