@@ -80,15 +80,18 @@ def export_fused(folder: str | Path, text_model: Any, tokenizer: Any, context: A
     runtime = FusedRuntime(folder, int8=False)
     turns = _turns_with_media(test_turns, media_dir, frames_dir, parity_turns)
     worst, n = 0.0, 0
+    stand_in = _stand_in_frames(frames_dir, runtime.frames) if visual_model is not None else None
     for dialogue, index in turns:
         turn = dialogue[index]
         audio, frames = load_turn_media(turn, media_dir, frames_dir, runtime.frames)
+        frames = stand_in if frames is None else frames  # test turns without video: real frames from elsewhere
         got = runtime.logits(dialogue[: index + 1], audio, frames)
         want = _torch_fused(text_model, tokenizer, context, audio_model, visual_model, head, dialogue[: index + 1],
                             audio, frames, runtime)
         worst = max(worst, float(np.abs(got - want).max()))
         n += 1
-    meta.update(parity_max_abs=worst, parity_turns=n)
+    meta.update(parity_max_abs=worst, parity_turns=n, parity_frames="the turns' own, else " + (
+        stand_in.source if stand_in is not None else "none"))
     if n and worst > 1e-3:
         from erc_distill.errors import ExportError
 
@@ -97,6 +100,17 @@ def export_fused(folder: str | Path, text_model: Any, tokenizer: Any, context: A
     log(f"edge graphs -> {folder}: {', '.join(meta['branches'])} + fusion ({head.name}); end-to-end parity max |Δ| "
         f"{worst:.2e} on {n} test turns")
     return meta
+
+
+def _stand_in_frames(frames_dir: Path | None, n: int) -> Any:
+    """Frames of the first frame folder under ``frames_dir`` (None if there is none), so the visual
+    graph is part of the parity check even when no test turn has video."""
+    from erc_distill.media.frames import list_frame_images, load_frames
+
+    if frames_dir is None or not Path(frames_dir).is_dir():
+        return None
+    folders = sorted(p for p in Path(frames_dir).rglob("*") if p.is_dir() and list_frame_images(p))
+    return load_frames(folders[0], n) if folders else None
 
 
 def _torch_fused(text_model, tokenizer, context, audio_model, visual_model, head, history, audio, frames,
@@ -325,7 +339,7 @@ def profile_fused(folder: str | Path, test_turns: Sequence[Any], media_dir: Path
     runtime = FusedRuntime(folder, threads=threads, int8=True, face_detector=face_detector)
     picked = _turns_with_media(test_turns, media_dir, frames_dir, n_turns)
     frames_source = None
-    if runtime.visual_session is not None and frames_dir is not None:
+    if runtime.visual_session is not None and frames_dir is not None and Path(frames_dir).is_dir():
         candidates = sorted(p for p in Path(frames_dir).rglob("*") if p.is_dir() and list_frame_images(p))
         frames_source = candidates[0] if candidates else None
     paths = ["text only", "text + speech"] + (["text + speech + face frames"] if frames_source else [])
