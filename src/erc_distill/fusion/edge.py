@@ -102,15 +102,23 @@ def export_fused(folder: str | Path, text_model: Any, tokenizer: Any, context: A
     return meta
 
 
-def _stand_in_frames(frames_dir: Path | None, n: int) -> Any:
-    """Frames of the first frame folder under ``frames_dir`` (None if there is none), so the visual
-    graph is part of the parity check even when no test turn has video."""
-    from erc_distill.media.frames import list_frame_images, load_frames
+def _first_frame_folder(frames_dir: Path | None) -> Path | None:
+    """The first folder of frame images under ``frames_dir`` (by path), or None."""
+    from erc_distill.media.frames import list_frame_images
 
     if frames_dir is None or not Path(frames_dir).is_dir():
         return None
     folders = sorted(p for p in Path(frames_dir).rglob("*") if p.is_dir() and list_frame_images(p))
-    return load_frames(folders[0], n) if folders else None
+    return folders[0] if folders else None
+
+
+def _stand_in_frames(frames_dir: Path | None, n: int) -> Any:
+    """Frames of the first frame folder under ``frames_dir`` (None if there is none), so the visual
+    graph is part of the parity check even when no test turn has video."""
+    from erc_distill.media.frames import load_frames
+
+    folder = _first_frame_folder(frames_dir)
+    return load_frames(folder, n) if folder is not None else None
 
 
 def _torch_fused(text_model, tokenizer, context, audio_model, visual_model, head, history, audio, frames,
@@ -334,14 +342,11 @@ def profile_fused(folder: str | Path, test_turns: Sequence[Any], media_dir: Path
     from erc_distill.machine import machine_info, machine_summary
     from erc_distill.media.audio import load_audio
     from erc_distill.media.clips import locate_clip
-    from erc_distill.media.frames import list_frame_images, load_frames
+    from erc_distill.media.frames import load_frames
 
     runtime = FusedRuntime(folder, threads=threads, int8=True, face_detector=face_detector)
     picked = _turns_with_media(test_turns, media_dir, frames_dir, n_turns)
-    frames_source = None
-    if runtime.visual_session is not None and frames_dir is not None and Path(frames_dir).is_dir():
-        candidates = sorted(p for p in Path(frames_dir).rglob("*") if p.is_dir() and list_frame_images(p))
-        frames_source = candidates[0] if candidates else None
+    frames_source = _first_frame_folder(frames_dir) if runtime.visual_session is not None else None
     paths = ["text only", "text + speech"] + (["text + speech + face frames"] if frames_source else [])
     times: dict[str, list[float]] = {p: [] for p in paths}
     parts: dict[str, list[float]] = {}
