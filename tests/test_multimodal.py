@@ -194,6 +194,9 @@ def test_runtime_answers_text_only_and_partial_turns(finished, text_run):
                                      "visual": np.full((1, rt.dims[1]), -5, np.float32),
                                      "audio_mask": np.zeros(1, np.float32), "visual_mask": np.zeros(1, np.float32)})[0]
     np.testing.assert_allclose(z, rt.logits(dialogue[:1]), atol=1e-5)
+    # the branches take turns on the same cores: no session's threads spin after its run
+    for session in (rt.text_session, rt.audio_session, rt.visual_session, rt.fusion_session, rt.audio.session):
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_a_rerun_resumes_without_training(finished, text_run, monkeypatch):

@@ -583,7 +583,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from erc_distill.runtime import AudioBundle, Bundle, StreamingRecognizer
     from erc_distill.runtime.stream import serve_lines
 
-    audio = None if args.audio_bundle is None else AudioBundle.load(args.audio_bundle, threads=args.threads)
+    # with speech, two sessions take turns on the same cores: neither may spin between runs
+    audio = None if args.audio_bundle is None else AudioBundle.load(args.audio_bundle, threads=args.threads,
+                                                                     spin=False)
     fused = None
     if args.edge is not None:
         from erc_distill.fusion.edge import FusedRuntime
@@ -594,7 +596,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         fused = FusedRuntime(args.edge, threads=args.threads, int8=not args.float, face_detector=args.face_detector)
         bundle = fused.text
     else:
-        bundle = Bundle.load(args.bundle, threads=args.threads)
+        bundle = Bundle.load(args.bundle, threads=args.threads, spin=audio is None)
     recognizer = StreamingRecognizer(bundle, max_text_chars=args.max_text_chars,
                                      max_conversations=args.max_conversations, idle_ttl_s=args.idle_ttl,
                                      audio_bundle=audio, max_audio_seconds=args.max_audio_seconds, fused=fused)

@@ -172,7 +172,7 @@ class FusedRuntime:
         self.meta = json.loads((self.folder / "edge.json").read_text())
         self.labels = tuple(self.meta["labels"])
         suffix = INT8_SUFFIX if int8 else ""
-        self.text = Bundle.load(self.folder / "text", threads=threads, verify=False)
+        self.text = Bundle.load(self.folder / "text", threads=threads, verify=False, spin=False)
         self.text_session = ort_session(self.folder / "text" / f"model-features{suffix}.onnx", threads, spin=False)
         self.builder = self.text.builder()
         self.audio_session = self.visual_session = None
@@ -180,7 +180,7 @@ class FusedRuntime:
         if "audio" in self.meta["branches"]:
             from erc_distill.runtime.audio_bundle import AudioBundle
 
-            self.audio = AudioBundle.load(self.folder / "audio", threads=threads, verify=False)
+            self.audio = AudioBundle.load(self.folder / "audio", threads=threads, verify=False, spin=False)
             self.audio_session = ort_session(self.folder / "audio" / f"model-features{suffix}.onnx", threads, spin=False)
         if "visual" in self.meta["branches"]:
             vmeta = json.loads((self.folder / "visual" / "visual.json").read_text())

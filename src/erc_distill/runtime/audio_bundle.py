@@ -57,7 +57,7 @@ class AudioBundle:
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None, model_file: str | None = None,
-             verify: bool = True) -> "AudioBundle":
+             verify: bool = True, spin: bool = True) -> "AudioBundle":
         """Open and check an audio bundle (arguments as :meth:`erc_distill.runtime.Bundle.load`)."""
         folder = Path(folder)
         meta_file = folder / "bundle.json"
@@ -89,7 +89,7 @@ class AudioBundle:
             raise BundleError(f"{meta_file}: files must be an object, got {json_type(files)}")
         model_path = folder / model_name
         _check_file(model_path, files.get(model_name), verify)
-        session = _open_session(model_path, threads)
+        session = _open_session(model_path, threads, spin)
         names = sorted(i.name for i in session.get_inputs())
         if names != sorted(AUDIO_INPUTS):
             raise BundleError(f"{model_path}: the graph's inputs are {names}, the audio runtime feeds "
