@@ -334,3 +334,85 @@ def test_video_in_train_only_leaves_dev_and_test_text_and_speech(text_run, tmp_p
     assert m["branches"]["visual"]["trained"] is False and "0 dev" in m["branches"]["visual"]["why"]
     assert m["counts"]["train"]["visual"] == 9 and m["counts"]["dev"]["visual"] == 0 == m["counts"]["test"]["visual"]
     assert "visual student alone" not in m["scores"]
+
+
+def test_careless_multimodal_flags_are_named(text_run, tmp_path, capsys):
+    base = ["multimodal", "--text-run", str(text_run["run"]), "--out", str(tmp_path / "o"),
+            "--media-dir", str(text_run["media"])]
+    with pytest.raises(SystemExit):
+        main([*base, "--seeds", "-1"])
+    assert "a seed is from 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--modality-dropout", "abc"])
+    assert "invalid float value" in capsys.readouterr().err
+    assert main([*base, "--teacher-outputs", str(tmp_path / "missing.npz")]) == 1
+    assert "missing.npz not found" in capsys.readouterr().err
+    a_file = tmp_path / "frames.txt"
+    a_file.write_text("not a folder")
+    assert main([*base, "--frames-dir", str(a_file)]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_careless_stream_lines_get_an_error_each_and_the_stream_goes_on(finished, text_run):
+    import base64
+    import io
+
+    from erc_distill.errors import DataError
+    from erc_distill.fusion.edge import FusedRuntime
+    from erc_distill.runtime import StreamingRecognizer
+    from erc_distill.runtime.stream import serve_lines
+
+    out, _ = finished
+    fused = FusedRuntime(out / "edge", threads=1, face_detector="none")
+    rec = StreamingRecognizer(fused.text, fused=fused)
+    buf = io.BytesIO()
+    Image.new("1", (5000, 4000)).save(buf, format="PNG")  # a pixel bomb, small on the wire
+    bomb = base64.b64encode(buf.getvalue()).decode()
+    turn = {"conversation": "c", "speaker": "Ross", "text": "Hi."}
+    lines = [
+        {**turn, "frames": ["***not base64***"]},
+        {**turn, "frames": []},
+        {**turn, "video_path": 7},
+        {**turn, "frames": [_png((1, 2, 3))], "video_path": "x"},
+        {**turn, "video_path": str(text_run["root"] / "no-such-clip.mp4")},
+        {**turn, "frames": [bomb]},
+        turn,
+    ]
+    got = []
+    summary = serve_lines(rec, [json.dumps(x) for x in lines], got.append)
+    rows = [json.loads(x) for x in got]
+    assert "not base64" in rows[0]["error"] and "empty list" in rows[1]["error"]
+    assert "must be a string" in rows[2]["error"] and "not both" in rows[3]["error"]
+    assert rows[4]["modalities"] == ["text"] and "no such video" in rows[4]["visual"]["error"]
+    assert rows[5]["modalities"] == ["text"] and "over 4096x4096" in rows[5]["visual"]["error"]
+    assert rows[6]["turn"] == 2  # the line errors left the conversation as it was
+    assert summary["errors"] == 4 and summary["visual_masked"] == 2
+    for bad in (np.zeros((2, 8, 8, 3), np.float32), [np.zeros((8, 8), np.uint8)], "frames", []):
+        with pytest.raises(DataError):
+            rec.push("Ross", "Hi.", "d", frames=bad)
+    assert "d" not in rec.conversations
+
+
+def test_a_run_killed_midway_resumes_without_retraining_what_it_finished(text_run, tmp_path, monkeypatch):
+    from erc_distill.fusion import train as fusion_train
+    from erc_distill.fusion.multimodal import MultimodalRun
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(text_run["root"] / "xdg"))
+    cfg = mm_config(text_run, tmp_path, visual_student=None, fusion=("mag",), profile_turns=2)
+    real = fusion_train.train_fusion
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the run is killed while the fusion head trains
+
+    monkeypatch.setattr(fusion_train, "train_fusion", killed)
+    with pytest.raises(KeyboardInterrupt):
+        MultimodalRun(cfg, log=lambda _: None, progress=False).run()
+    assert (tmp_path / "audio" / "done.json").is_file() and (tmp_path / "features" / "done.json").is_file()
+    monkeypatch.setattr(fusion_train, "train_fusion", real)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the finished speech student was trained again")
+
+    monkeypatch.setattr("erc_distill.distill.train.train_model", no_training)
+    m = MultimodalRun(cfg, log=lambda _: None, progress=False).run()
+    assert "fused mag s0" in m["scores"]

@@ -116,6 +116,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed is from 0 to 2**32 - 1, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -388,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion-epochs", type=_positive_int, default=30)
     p.add_argument("--modality-dropout", type=float, default=0.3, help="fusion training: chance of hiding a "
                    "present audio / visual input (so text-only turns are handled)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="fusion-head seeds")
+    p.add_argument("--seeds", type=_seed, nargs="+", default=[0], help="fusion-head seeds (integers >= 0)")
     p.add_argument("--face-detector", choices=("auto", "mediapipe", "none"), default="auto")
     p.add_argument("--profile-turns", type=_positive_int, default=100, help="test turns timed per path")
     p.add_argument("--threads", type=_positive_int, default=2, help="ONNX Runtime threads when timing")
@@ -529,7 +539,7 @@ def cmd_multimodal(args: argparse.Namespace) -> int:
         visual_student=none(args.visual_student), fusion=tuple(args.fusion),
         audio_train=replace(base.audio_train, epochs=args.audio_epochs),
         visual_train=replace(base.visual_train, epochs=args.visual_epochs), fusion_epochs=args.fusion_epochs,
-        modality_dropout=args.modality_dropout, seeds=tuple(args.seeds), data_dir=args.data_dir,
+        modality_dropout=args.modality_dropout, seeds=tuple(dict.fromkeys(args.seeds)), data_dir=args.data_dir,
         profile_turns=args.profile_turns, threads=args.threads, face_detector=args.face_detector)
     check_multimodal(cfg)
     MultimodalRun(cfg).run()

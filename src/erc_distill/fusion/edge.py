@@ -159,6 +159,23 @@ class TurnResult:
     ms: float
 
 
+@dataclass
+class Fused:
+    """What :meth:`FusedRuntime.fuse` computed for one turn: the fused ``logits`` [1, C], the modalities
+    ``used``, with frames ``visual`` = ``{"frames": used, "faces": frames with a face found}``, and with
+    speech the speech student's own ``audio_logits`` [1, C] (its graph gives both, no second run)."""
+
+    logits: np.ndarray
+    used: tuple[str, ...]
+    visual: dict[str, int] | None = None
+    audio_logits: np.ndarray | None = None
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """softmax of the fused logits, [C]."""
+        return _softmax(self.logits)[0]
+
+
 class FusedRuntime:
     """Loads ``edge/`` (module doc). ``int8``: the INT8 text / audio graphs (the float ones otherwise)."""
 
@@ -201,12 +218,16 @@ class FusedRuntime:
         """Whether ``folder`` is a fused student's ``edge/`` (it has ``edge.json``)."""
         return (Path(folder) / "edge.json").is_file()
 
-    def text_features(self, history: Sequence[Any]) -> np.ndarray:
-        """The text graph's features [1, Dt] of the last turn of ``history`` (objects with speaker, text)."""
+    def last_input(self, history: Sequence[Any]) -> Any:
+        """The built input of the last turn of ``history`` (objects with speaker, text), from a fresh context."""
         stream = self.builder.stream()
         for t in history:
             x = stream.push(t.speaker, t.text)
-        return self.input_features(x)
+        return x
+
+    def text_features(self, history: Sequence[Any]) -> np.ndarray:
+        """The text graph's features [1, Dt] of the last turn of ``history``."""
+        return self.input_features(self.last_input(history))
 
     def input_features(self, x: Any) -> np.ndarray:
         """The text graph's features [1, Dt] of one built input (:class:`~erc_distill.data.context.ModelInput`)."""
@@ -214,10 +235,12 @@ class FusedRuntime:
                 "mask_index": np.array([x.mask_index], np.int64)}
         return self.text_session.run(None, feed)[1]
 
-    def audio_features(self, samples: np.ndarray) -> np.ndarray:
-        """The audio graph's pooled features [1, Da] of mono 16 kHz float samples (log-mel computed here)."""
+    def audio_features(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The speech graph's logits [1, C] and pooled features [1, Da] of mono 16 kHz float samples
+        (log-mel computed here)."""
         features, lengths = self.audio.features([samples])
-        return self.audio_session.run(None, {"features": features, "lengths": lengths.astype(np.int64)})[1]
+        logits, pooled = self.audio_session.run(None, {"features": features, "lengths": lengths.astype(np.int64)})
+        return logits, pooled
 
     def visual_features(self, frames: Any, timings: dict[str, float] | None = None) -> tuple[np.ndarray, int, int]:
         """The visual graph's features [1, Dv] of a turn's frames (:class:`~erc_distill.media.frames.Frames`
@@ -244,11 +267,10 @@ class FusedRuntime:
         return v, len(images), crops.found
 
     def fuse(self, x: Any, audio: np.ndarray | None = None, frames: Any = None,
-             timings: dict[str, float] | None = None) -> tuple[np.ndarray, tuple[str, ...], dict[str, int] | None]:
-        """Fused logits [1, C] of one built input with its speech / frames when given (a modality this
-        edge has no branch for is ignored), the modalities used, and with frames ``{"frames": used,
-        "faces": frames with a face found}``. ``timings``: filled with seconds per part (text graph,
-        speech features + graph, face crop, visual graph, fusion graph)."""
+             timings: dict[str, float] | None = None) -> Fused:
+        """The fused answer for one built input with its speech / frames when given (a modality this edge
+        has no branch for is ignored). ``timings``: filled with seconds per part (text graph, speech
+        log-mel + graph, face crop, visual graph, fusion graph)."""
         clock = time.perf_counter
         t0 = clock()
         t = self.input_features(x)
@@ -257,10 +279,10 @@ class FusedRuntime:
         v = np.zeros((1, self.dims[1]), np.float32)
         am = np.zeros(1, np.float32)
         vm = np.zeros(1, np.float32)
-        used, seen = ["text"], None
+        used, seen, audio_logits = ["text"], None, None
         parts: dict[str, float] = {"text graph": t1 - t0}
         if audio is not None and self.audio_session is not None:
-            a, am = self.audio_features(audio), np.ones(1, np.float32)
+            (audio_logits, a), am = self.audio_features(audio), np.ones(1, np.float32)
             used.append("audio")
             parts["speech log-mel + graph"] = clock() - t1
         if frames is not None and self.visual_session is not None:
@@ -272,23 +294,17 @@ class FusedRuntime:
         parts["fusion graph"] = clock() - t2
         if timings is not None:
             timings.update(parts)
-        return z, tuple(used), seen
+        return Fused(z, tuple(used), seen, audio_logits)
 
     def logits(self, history: Sequence[Any], audio: np.ndarray | None = None, frames: Any = None) -> np.ndarray:
         """Fused logits [1, C] of the last turn of ``history``, with its speech / frames when given."""
-        stream = self.builder.stream()
-        for t in history:
-            x = stream.push(t.speaker, t.text)
-        return self.fuse(x, audio, frames)[0]
+        return self.fuse(self.last_input(history), audio, frames).logits
 
     def classify(self, history: Sequence[Any], audio: np.ndarray | None = None, frames: Any = None) -> TurnResult:
         t0 = time.perf_counter()
-        stream = self.builder.stream()
-        for t in history:
-            x = stream.push(t.speaker, t.text)
-        z, used, _ = self.fuse(x, audio, frames)
-        p = _softmax(z)[0]
-        return TurnResult(p, self.labels[int(p.argmax())], used, 1000 * (time.perf_counter() - t0))
+        out = self.fuse(self.last_input(history), audio, frames)
+        p = out.probabilities
+        return TurnResult(p, self.labels[int(p.argmax())], out.used, 1000 * (time.perf_counter() - t0))
 
 
 def load_turn_media(turn: Any, media_dir: Path | None, frames_dir: Path | None, n_frames: int) -> tuple[Any, Any]:

@@ -175,6 +175,7 @@ class MultimodalRun:
         self.out.mkdir(parents=True, exist_ok=True)
         self._labels: tuple[str, ...] | None = None
         self._targets = None
+        self._text: tuple[Any, Any] | None = None
 
     # ---- data ----
     @property
@@ -300,12 +301,15 @@ class MultimodalRun:
 
     # ---- step 3: features ----
     def text_student(self) -> tuple[Any, Any]:
-        from transformers import AutoTokenizer
+        """The text run's student and its tokenizer (loaded once)."""
+        if self._text is None:
+            from transformers import AutoTokenizer
 
-        from erc_distill.modeling import PromptedClassifier
+            from erc_distill.modeling import PromptedClassifier
 
-        folder = Path(self.cfg.text_run) / "student" / "model"
-        return PromptedClassifier.load(folder).eval(), AutoTokenizer.from_pretrained(folder / "tokenizer")
+            folder = Path(self.cfg.text_run) / "student" / "model"
+            self._text = PromptedClassifier.load(folder).eval(), AutoTokenizer.from_pretrained(folder / "tokenizer")
+        return self._text
 
     def features(self, branches: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
         """Each split's :class:`~erc_distill.fusion.train.BranchFeatures` (computed once, then read back)."""

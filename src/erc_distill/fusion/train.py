@@ -15,7 +15,7 @@ dev weighted F1 (never test).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +182,3 @@ def fusion_logits(head: FusionHead, data: BranchFeatures, audio: bool = True, vi
     vm = vm if visual else torch.zeros_like(vm)
     return head.eval()(text, a, v, am, vm).logits.numpy()
 
-
-def without(cfg: FusionTrainConfig, **changes: Any) -> FusionTrainConfig:
-    return replace(cfg, **changes)

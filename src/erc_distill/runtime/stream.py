@@ -355,26 +355,34 @@ class StreamingRecognizer:
 
         self.check_turn(speaker, text, conversation)
         images = self.check_frames(frames) if frames is not None else None
-        samples = audio_prediction = audio_error = None
+        samples = audio_error = None
+        cut = 0.0
         if audio is not None:
             try:
-                samples, _ = self.check_samples(audio)
-                audio_prediction = self.classify_audio(audio)  # the speech student's own answer, reported too
+                samples, cut = self.check_samples(audio)
             except MediaError as err:
                 audio_error = str(err)
         turn = self.prepare(speaker, text, conversation)
+        parts: dict[str, float] = {}
         try:
-            z, used, visual = self.fused.fuse(turn.input, samples, images)
+            out = self.fused.fuse(turn.input, samples, images, timings=parts)
         except BaseException as err:
             self.cancel(turn)
             if isinstance(err, ValueError) and not isinstance(err, UserError):
                 raise DataError(f"cannot build this turn's input: {err}") from err
             raise
-        z = z[0] - z[0].max()
-        p = np.exp(z) / np.exp(z).sum()
-        prediction = self.complete(turn, p)
-        return dataclasses.replace(prediction, audio=audio_prediction, audio_error=audio_error, modalities=used,
-                                   visual=visual)
+        audio_prediction = None
+        if out.audio_logits is not None:  # the speech student's own answer, from the same run of its graph
+            from erc_distill.media.audio import TARGET_RATE
+
+            z = out.audio_logits[0] - out.audio_logits[0].max()
+            pa = np.exp(z) / np.exp(z).sum()
+            labels = self.fused.labels
+            audio_prediction = AudioPrediction(labels[int(pa.argmax())], {k: float(v) for k, v in zip(labels, pa)},
+                                               1000 * parts["speech log-mel + graph"], len(samples) / TARGET_RATE, cut)
+        prediction = self.complete(turn, out.probabilities)
+        return dataclasses.replace(prediction, audio=audio_prediction, audio_error=audio_error, modalities=out.used,
+                                   visual=out.visual)
 
     def _push_text(self, speaker: str, text: str, conversation: str) -> Prediction:
         turn = self.prepare(speaker, text, conversation)
