@@ -221,8 +221,8 @@ class Bundle:
         INT8 one); ``verify``: check the SHA-256 of the model and tokenizer files against
         ``bundle.json``'s ``files`` (sizes are checked either way; False skips the hashing, which reads
         every byte); ``spin``: False when this session takes turns with others on the same cores (text +
-        speech per turn): its threads then sleep after a run instead of spinning (measured on 2 cores:
-        speech graph p50 52 -> 22 ms, text 16 -> 12 ms; one session alone spins best, 6.3 vs 6.6 ms).
+        speech per turn): its threads then sleep after a run instead of spinning (bench/session_spin.py, 2
+        cores: speech graph p50 36 -> 23 ms, text 21 -> 10 ms; one session alone spins best, 6.9 vs 7.2 ms).
         Every failure is a :class:`BundleError` naming the file.
         """
         folder = Path(folder)
