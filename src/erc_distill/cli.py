@@ -193,7 +193,7 @@ def run_config(args: argparse.Namespace) -> "RunConfig":
 
 
 def _out_dir(args: argparse.Namespace, cfg: "RunConfig") -> Path:
-    teacher = "ensemble" if cfg.teacher_outputs else Path(str(cfg.teacher)).name
+    teacher = "ensemble" if cfg.ensemble else Path(str(cfg.teacher)).name
     names = [cfg.data, *([teacher] if cfg.uses_teacher else []), Path(cfg.student).name]
     return args.out or Path("runs") / "-".join(names)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -211,6 +212,100 @@ class ProfileConfig:
     warmup: int = opt(20, "untimed turns first", ge=0)
 
 
+def parse_teacher_spec(spec: str) -> dict[str, str]:
+    """One ``--teachers`` entry as settings: ``mpnet-base`` (an encoder) or ``name=a;teacher=mpnet-base;
+    teacher_context=telme;teacher_train.seed=1`` (``;``-separated; a leading bare word is the encoder; a later
+    key repeats override earlier ones). ValueError says what is malformed."""
+    out: dict[str, str] = {}
+    for i, part in enumerate(p.strip() for p in spec.split(";")):
+        if not part:
+            continue
+        if "=" not in part:
+            if i == 0:
+                out["teacher"] = part
+                continue
+            raise ValueError(f"{part!r} in teacher {spec!r}: expected key=value after the first item")
+        key, value = (x.strip() for x in part.split("=", 1))
+        if not key or not value:
+            raise ValueError(f"{part!r} in teacher {spec!r}: expected key=value")
+        out[key.replace("-", "_")] = value
+    if not out:
+        raise ValueError("an empty teacher entry")
+    return out
+
+
+def teacher_spec_string(value: Any) -> str:
+    """An experiment file's ``teachers:`` item (an encoder name, or a mapping of teacher-side settings, nested
+    sections allowed) as the one-line form of :func:`parse_teacher_spec`."""
+    if not isinstance(value, Mapping):
+        return str(value)
+
+    def items(mapping: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
+        for k, v in mapping.items():
+            name = f"{prefix}{k}".replace("-", "_")
+            if isinstance(v, Mapping) and name in SECTIONS:
+                yield from items(v, name + ".")
+            elif isinstance(v, Mapping):  # loss weights
+                yield name, ",".join(f"{a}={b}" for a, b in v.items())
+            else:
+                yield name, ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    pairs = list(items(value))
+    bad = [f"{k}={v}" for k, v in pairs if ";" in k + v]
+    if bad:
+        raise ValueError(f"';' inside a teacher setting: {bad[0]}")
+    return ";".join(f"{k}={v}" for k, v in pairs)
+
+
+def _check_specs(value: tuple[str, ...]) -> str | None:
+    try:
+        for spec in value:
+            parse_teacher_spec(spec)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+_NOT_PER_TEACHER = ("teacher_outputs", "teacher_weights", "teachers")
+
+
+def teacher_configs(cfg: "RunConfig") -> list[tuple[str, "RunConfig"]]:
+    """(name, config) of each of ``cfg.teachers``: the run's config with that entry's teacher-side settings on
+    top (its encoder, context, recipe, seed), one teacher each. ConfigError names the entry and the key."""
+    base = replace(cfg, teachers=(), teacher_outputs=(), teacher_weights=())
+    out: list[tuple[str, RunConfig]] = []
+    for i, spec in enumerate(cfg.teachers, 1):
+        where = f"--teachers entry {i} ({spec})"
+        try:
+            items = parse_teacher_spec(spec)
+        except ValueError as err:
+            raise ConfigError(str(err), field="--teachers") from None
+        name = items.pop("name", None)
+        settings = [Setting(k, v, where, k) for k, v in items.items()]
+        for s in settings:
+            targets = [t for _, t, _ in expand(s)]
+            if not all(t.startswith("teacher") and t.split(".")[0] not in _NOT_PER_TEACHER for t in targets):
+                raise ConfigError("not a teacher-side setting (an entry sets teacher, teacher_context, teacher_train, "
+                                  "teacher_loss and their aliases: teacher_epochs, teacher_lr, teacher_max_len, ...)",
+                                  field=s.label, source=where)
+        if str(items.get("teacher", cfg.teacher)).lower() in ("none", "null"):
+            raise ConfigError("names no teacher encoder (teacher=NAME)", field="--teachers", source=where)
+        try:
+            sub = build_config(settings, base)
+        except ConfigError as err:  # a whole-config check: say which entry it came from
+            if err.source == where:
+                raise
+            raise ConfigError(err.message, field=err.field, source=where) from None
+        name = name or f"{Path(str(sub.teacher)).name}-{i}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+            raise ConfigError(f"teacher name {name!r}: letters, digits, '.', '_' and '-' only", field="--teachers",
+                              source=where)
+        if name in (n for n, _ in out):
+            raise ConfigError(f"two teachers are named {name!r}", field="--teachers")
+        out.append((name, sub))
+    return out
+
+
 def _check_corpus(value: str) -> str | None:
     from erc_distill.data.corpora import CORPORA
 
@@ -257,19 +352,31 @@ class RunConfig:
     teacher_outputs: tuple[str, ...] = opt((), "teacher output files (.npz from `erc-distill teacher-outputs`, or "
                                            "bench/results/teachers/): their mean tempered probabilities are the KD "
                                            "target and no teacher is trained (logit terms only)")
-    teacher_weights: tuple[float, ...] = opt((), "weights of the --teacher-outputs files (default: equal)", ge=0)
+    teacher_weights: tuple[float, ...] = opt((), "weights of the ensemble's members: the --teacher-outputs files or "
+                                             "the --teachers (default: equal)", ge=0)
+    teachers: tuple[str, ...] = opt((), "several teachers trained (or reused from the cache) in this run, their "
+                                    "ensemble the KD target (logit terms only): each an encoder, or "
+                                    "'name=N;teacher=ENC;teacher_context=telme;teacher_train.seed=1' (teacher-side "
+                                    "settings; an experiment file may give a list of mappings)", check=_check_specs)
     transfer: tuple[str, ...] = opt((), "unlabelled turns added to the student's training set, taught by the teacher "
                                     "only (no cross-entropy); MELD: emorynlp (scenes not overlapping MELD dev/test), "
                                     "mask (speaker names masked), short (shorter histories)", choices=TRANSFER_SOURCES)
 
     @property
     def uses_teacher(self) -> bool:
-        return (self.teacher is not None or bool(self.teacher_outputs)) and self.loss.needs_teacher
+        return (self.teacher is not None or bool(self.teacher_outputs) or bool(self.teachers)) \
+            and self.loss.needs_teacher
 
     @property
     def trains_teacher(self) -> bool:
-        """A teacher model is trained (or reused) by this run: not when its outputs come from files."""
-        return self.uses_teacher and not self.teacher_outputs and self.teacher is not None
+        """One teacher model is trained (or reused) by this run: not when the KD target is an ensemble."""
+        return self.uses_teacher and not self.ensemble and self.teacher is not None
+
+    @property
+    def ensemble(self) -> bool:
+        """The KD target is an ensemble of teacher outputs: files given (``teacher_outputs``) or written by the
+        teachers this run trains (``teachers``); logit terms only."""
+        return self.uses_teacher and bool(self.teacher_outputs or self.teachers)
 
     @property
     def modality(self) -> str:
@@ -524,6 +631,11 @@ def flatten_file(values: Mapping[str, Any], source: str, prefix: str = "") -> li
         name = f"{prefix}{key}".replace("-", "_")
         if isinstance(value, Mapping) and name in SECTIONS:
             out += flatten_file(value, source, name + ".")
+        elif name == "teachers" and isinstance(value, list):  # a list of encoders or of mappings
+            try:
+                out.append(Setting(name, [teacher_spec_string(v) for v in value], source, name))
+            except ValueError as err:
+                raise ConfigError(str(err), field=name, source=source) from None
         else:
             out.append(Setting(name, value, source, name))
     return out
@@ -597,22 +709,28 @@ def check_config(cfg: RunConfig) -> RunConfig:
 
 def _check_teacher_outputs(cfg: RunConfig) -> None:
     """Teacher output files carry logits only; transfer turns have no labels, so they need a teacher."""
-    if cfg.teacher_weights and len(cfg.teacher_weights) != len(cfg.teacher_outputs):
-        raise ConfigError(f"{len(cfg.teacher_weights)} weights for {len(cfg.teacher_outputs)} --teacher-outputs files",
-                          field="--teacher-weights")
+    if cfg.teacher_outputs and cfg.teachers:
+        raise ConfigError("give the ensemble as --teacher-outputs files or as --teachers to train, not both",
+                          field="--teachers")
+    members, flag = (cfg.teachers, "--teachers") if cfg.teachers else (cfg.teacher_outputs, "--teacher-outputs")
+    if cfg.teacher_weights and len(cfg.teacher_weights) != len(members):
+        raise ConfigError(f"{len(cfg.teacher_weights)} weights for {len(members)} {flag} "
+                          f"{'entries' if cfg.teachers else 'files'}", field="--teacher-weights")
     if cfg.teacher_weights and sum(cfg.teacher_weights) <= 0:
         raise ConfigError("the teacher weights are all 0", field="--teacher-weights")
-    if cfg.teacher_outputs:
+    if members:
+        what = "teachers" if cfg.teachers else "output files"
         if cfg.modality != "text":
-            raise ConfigError("teacher output files are for text corpora", field="--teacher-outputs")
+            raise ConfigError(f"teacher ensembles ({flag}) are for text corpora", field=flag)
         if not cfg.loss.needs_teacher:
-            raise ConfigError(f"the loss ({', '.join(cfg.loss.weights)}) has no term that reads a teacher, so the output "
-                              "files would be ignored: add one (e.g. --loss ce=1,kd=1) or drop --teacher-outputs",
-                              field="--teacher-outputs")
+            raise ConfigError(f"the loss ({', '.join(cfg.loss.weights)}) has no term that reads a teacher, so the "
+                              f"{what} would be ignored: add one (e.g. --loss ce=1,kd=1) or drop {flag}", field=flag)
         model_terms = [n for n in cfg.loss.weights if n in ("feature", "hidden")]
         if model_terms:
-            raise ConfigError(f"the terms {', '.join(model_terms)} need the teacher model's features; teacher output "
-                              "files hold logits only: use e.g. --loss ce=1,dist=1", field="--loss")
+            raise ConfigError(f"the terms {', '.join(model_terms)} need the teacher model's features; an ensemble "
+                              f"({flag}) teaches through its logits only: use e.g. --loss ce=1,dist=1", field="--loss")
+    if cfg.teachers:
+        teacher_configs(cfg)  # each entry is a valid teacher config
     if cfg.transfer:
         if cfg.data != "meld":
             raise ConfigError(f"the transfer set is made for MELD (EmoryNLP scenes and MELD train augmentations), "
@@ -749,8 +867,12 @@ def quick(cfg: RunConfig) -> RunConfig:
     ``teacher_outputs`` no teacher is trained, so the student gets the whole corpus (a real model in ~15 min
     on 2 CPU cores)."""
     short = lambda t: replace(t, epochs=1, checkpoint_every_n_steps=20)  # noqa: E731
+    teachers = tuple(  # each entry shrunk the same way (dotted keys win over an entry's aliases)
+        f"{spec};teacher_train.epochs=1;teacher_train.checkpoint_every_n_steps=20;"
+        f"teacher_context.max_len={min(sub.teacher_context.max_len, 128)}"
+        for spec, (_, sub) in zip(cfg.teachers, teacher_configs(cfg)))
     return replace(
-        cfg, limit=cfg.limit if cfg.teacher_outputs and cfg.uses_teacher else 30,
+        cfg, limit=cfg.limit if cfg.teacher_outputs and cfg.uses_teacher else 30, teachers=teachers,
         teacher_context=replace(cfg.teacher_context, max_len=min(cfg.teacher_context.max_len, 128)),
         student_context=replace(cfg.student_context, max_len=min(cfg.student_context.max_len, 128)),
         teacher_train=short(cfg.teacher_train), student_train=short(cfg.student_train),

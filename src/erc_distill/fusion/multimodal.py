@@ -136,6 +136,15 @@ def _run_teacher_cache(run: Path) -> Path | None:
     return folder if (folder / "key.json").is_file() else None
 
 
+def _run_teacher_files(run: Path) -> tuple[Path, ...]:
+    """The output files of a text run's several teachers (``teachers``: its ensemble's members), if any."""
+    try:
+        record = json.loads((run / "manifest.json").read_text())["stages"]["teacher"]
+        return tuple(Path(record["artifacts"][f"outputs:{m['name']}"]) for m in record.get("members", []))
+    except (OSError, KeyError, TypeError, ValueError):
+        return ()
+
+
 def _feature_width(teacher: Any) -> int | None:
     """The teacher's feature width when its cache holds features (a trained teacher's), else None."""
     if teacher is None or not getattr(teacher, "arrays", None):
@@ -163,7 +172,8 @@ class MultimodalRun:
         self.text_cfg = build_config(load_config_file(run / "config.yaml"))
         self.corpus = self.text_cfg.data
         self.data_dir = cfg.data_dir or self.text_cfg.data_dir
-        self.teacher_files = tuple(Path(p) for p in (cfg.teacher_outputs or self.text_cfg.teacher_outputs or ()))
+        self.teacher_files = tuple(Path(p) for p in (cfg.teacher_outputs or self.text_cfg.teacher_outputs
+                                                     or _run_teacher_files(run)))
         self.run_cache = None if self.teacher_files else _run_teacher_cache(run)
         for f in self.teacher_files:
             if not Path(f).is_file():

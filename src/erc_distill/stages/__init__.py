@@ -97,7 +97,10 @@ def open_run(cfg: RunConfig, out: str | Path, cache_dir: str | Path | None = Non
 
     check_machine(cfg)
     cfg = resolve_precision(cfg, log)
-    for name in (cfg.teacher if cfg.trains_teacher else None, cfg.student):
+    from erc_distill.config import teacher_configs
+
+    teachers = [sub.teacher for _, sub in teacher_configs(cfg)] if cfg.ensemble else []
+    for name in (cfg.teacher if cfg.trains_teacher else None, *teachers, cfg.student):
         if name is not None:  # found before hours of teacher training, not after
             resolve_model(name, cfg.modality)
     ensure_corpus(cfg.data, cfg.data_dir, fetch=fetch, log=log)

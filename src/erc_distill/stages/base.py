@@ -138,6 +138,16 @@ class RunContext:
 
         return CorpusSplit("transfer", "train", self.labels, tuple(self.transfer_set().dialogues))
 
+    def teacher_output_files(self) -> tuple[Path, ...]:
+        """The ensemble's members: the ``teacher_outputs`` files, or the files the teacher stage wrote for the
+        run's ``teachers`` (in their order); empty for a run with one teacher model or none."""
+        if self.cfg.teacher_outputs:
+            return tuple(Path(p) for p in self.cfg.teacher_outputs)
+        if self.cfg.teachers and self.cfg.uses_teacher:
+            members = self.manifest.record("teacher").get("members", [])
+            return tuple(self.manifest.artifact("teacher", f"outputs:{m['name']}") for m in members)
+        return ()
+
     def class_counts(self, dm: "ExampleDataModule") -> "torch.Tensor":
         import torch
 

@@ -41,7 +41,7 @@ class CacheStage(Stage):
                         str(ctx.cfg.teacher), layers, ctx.cfg.limit, ctx.data_fingerprint)
 
     def key(self, ctx: RunContext) -> str:
-        if ctx.cfg.teacher_outputs:
+        if ctx.cfg.ensemble:
             return stage_key(self._outputs_key(ctx))
         return stage_key(self._cache_key(ctx))
 
@@ -50,7 +50,7 @@ class CacheStage(Stage):
 
         c = ctx.cfg
         files = []
-        for f in c.teacher_outputs:
+        for f in ctx.teacher_output_files():
             try:
                 files.append(sha256_file(f)[:16])
             except OSError:
@@ -63,14 +63,15 @@ class CacheStage(Stage):
                 "data": ctx.data_fingerprint, "limit": c.limit, "transfer": transfer}
 
     def _import_outputs(self, ctx: RunContext) -> StageResult:
-        """The teacher output files' ensemble (at the student's τ) as this run's teacher cache."""
+        """The ensemble of teacher outputs (files given, or written by the run's teachers) at the student's τ, as
+        this run's teacher cache."""
         from erc_distill.data import corpus_fingerprint
         from erc_distill.data.corpora import load_corpus
         from erc_distill.distill.cache import TeacherCache
         from erc_distill.distill.outputs import check_compatible, import_as_cache, read_teacher_outputs
 
         c = ctx.cfg
-        outputs = [read_teacher_outputs(f) for f in c.teacher_outputs]
+        outputs = [read_teacher_outputs(f) for f in ctx.teacher_output_files()]
         transfer_data = {"emorynlp": corpus_fingerprint("emorynlp", c.data_dir)} if "emorynlp" in c.transfer else {}
         check_compatible(outputs, c.data, ctx.labels, ctx.data_fingerprint, c.transfer, transfer_data, c.limit)
 
@@ -93,7 +94,7 @@ class CacheStage(Stage):
     def run(self, ctx: RunContext) -> StageResult:
         from erc_distill.distill.cache import build_cache
 
-        if ctx.cfg.teacher_outputs:
+        if ctx.cfg.ensemble:
             return self._import_outputs(ctx)
 
         key = self._cache_key(ctx)

@@ -46,32 +46,40 @@ class EvaluateStage(Stage):
         return models
 
     def key(self, ctx: RunContext) -> str:
-        ensemble = [ctx.manifest.record("cache")["key"]] if ctx.cfg.teacher_outputs and ctx.cfg.uses_teacher else []
+        ensemble = [ctx.manifest.record("cache")["key"]] if ctx.cfg.ensemble else []
         return stage_key([ctx.manifest.record(s)["key"] for s in self._models(ctx).values()], ctx.data_fingerprint,
                          *ensemble)
 
     def _ensemble(self, ctx: RunContext, metrics: dict[str, Any], artifacts: dict[str, Path]) -> None:
-        """The teacher output files' ensemble scored like a model (row ``teacher``)."""
+        """The teacher ensemble scored like a model (row ``teacher``), and each of several members
+        (``teacher:NAME``), from their output files: predictions CSVs and metrics.json rows."""
         from erc_distill.data.corpora import load_corpus
         from erc_distill.distill.outputs import evaluate_outputs, read_teacher_outputs
 
-        outputs = [read_teacher_outputs(f) for f in ctx.cfg.teacher_outputs]
-        metrics["teacher"] = {"params": sum(int(o.meta.get("params", 0)) for o in outputs),
-                              "teachers": [o.path.stem for o in outputs]}
-        for split in ("dev", "test"):
-            path = ctx.out / f"predictions_teacher_{split}.csv"
-            data = load_corpus(ctx.cfg.data, split, ctx.cfg.data_dir)
-            if ctx.cfg.limit is not None:  # the turns the student is scored on
-                data = replace(data, dialogues=data.dialogues[: ctx.cfg.limit])
-            m = metrics["teacher"][split] = evaluate_outputs(outputs, ctx.cfg.teacher_weights, data, path)
-            artifacts[f"predictions_teacher_{split}"] = path
-            ctx.log(f" teacher {split:<5} weighted F1 {100 * m['weighted_f1']:.2f}  macro F1 {100 * m['macro_f1']:.2f}"
-                    f"  accuracy {100 * m['accuracy']:.2f}  (ensemble of {len(outputs)} output files)")
+        outputs = [read_teacher_outputs(f) for f in ctx.teacher_output_files()]
+        names = [m["name"] for m in ctx.manifest.record("teacher")["members"]] if ctx.cfg.teachers else \
+            [o.path.stem for o in outputs]
+        rows = {"teacher": (outputs, ctx.cfg.teacher_weights)}  # the ensemble; and each member when there are several
+        if len(outputs) > 1:
+            rows.update({f"teacher:{n}": ([o], ()) for n, o in zip(names, outputs)})
+        for row, (members, weights) in rows.items():
+            metrics[row] = {"params": sum(int(o.meta.get("params", 0)) for o in members),
+                            "teachers": names if row == "teacher" else [row.split(":", 1)[1]]}
+            for split in ("dev", "test"):
+                path = ctx.out / f"predictions_{row.replace(':', '-')}_{split}.csv"
+                data = load_corpus(ctx.cfg.data, split, ctx.cfg.data_dir)
+                if ctx.cfg.limit is not None:  # the turns the student is scored on
+                    data = replace(data, dialogues=data.dialogues[: ctx.cfg.limit])
+                m = metrics[row][split] = evaluate_outputs(members, weights, data, path)
+                artifacts[f"predictions_{row}_{split}"] = path
+                what = f"ensemble of {len(outputs)} teachers" if row == "teacher" else "one member"
+                ctx.log(f"{row:>8} {split:<5} weighted F1 {100 * m['weighted_f1']:.2f}  macro F1 "
+                        f"{100 * m['macro_f1']:.2f}  accuracy {100 * m['accuracy']:.2f}  ({what})")
 
     def run(self, ctx: RunContext) -> StageResult:
         metrics: dict[str, Any] = {}
         artifacts: dict[str, Path] = {}
-        if ctx.cfg.teacher_outputs and ctx.cfg.uses_teacher:
+        if ctx.cfg.ensemble:
             self._ensemble(ctx, metrics, artifacts)
         for name, stage in self._models(ctx).items():
             folder = ctx.manifest.artifact(stage, "model")
@@ -84,10 +92,10 @@ class EvaluateStage(Stage):
                 artifacts[f"predictions_{name}_{split}"] = path
                 ctx.log(f"{name:>8} {split:<5} weighted F1 {100 * m['weighted_f1']:.2f}  "
                         f"macro F1 {100 * m['macro_f1']:.2f}  accuracy {100 * m['accuracy']:.2f}")
-        ctx.merge_metrics(metrics)  # INT8 rows stay: the quantize stage replaces them when the student changes
+        ctx.merge_metrics(metrics, drop=lambda row: row.startswith("teacher:"))  # INT8 rows stay: the quantize stage replaces them when the student changes
         return StageResult({**artifacts, "metrics": ctx.out / "metrics.json"}, unhashed=("metrics",))
 
     def intact(self, ctx: RunContext) -> str | None:
-        models = [*self._models(ctx), *(["teacher"] if ctx.cfg.teacher_outputs and ctx.cfg.uses_teacher else [])]
+        models = [*self._models(ctx), *(["teacher"] if ctx.cfg.ensemble else [])]
         missing = [m for m in models if m not in ctx.read_metrics()]
         return f"metrics.json lacks {', '.join(missing)}" if missing else None

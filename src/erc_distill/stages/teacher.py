@@ -1,5 +1,10 @@
 """``teacher``: fine-tune the teacher; content-addressed in the cache folder, so runs share it.
 
+With ``teachers`` (several), each is its own small run in ``RUN/teachers/NAME/`` (trained, or reused from
+the cache when another run made it), and labels every MELD turn and the transfer turns once: the file
+``<cache>/teacher-outputs/<data>-<encoder>-<key>.npz`` (:mod:`erc_distill.distill.outputs`), keyed by the
+teacher's stage key and the transfer set. The cache stage averages their tempered probabilities.
+
 ``<cache>/teachers/<data>-<teacher>-<key>/model/`` appears in one step (built in a temporary
 folder with its ``result.json``, then renamed), so a kill never leaves a teacher that later runs
 would trust half-made.
@@ -26,15 +31,52 @@ class TeacherStage(Stage):
     name = "teacher"
 
     def applies(self, ctx: RunContext) -> bool:
-        return ctx.cfg.trains_teacher
+        return ctx.cfg.trains_teacher or (ctx.cfg.ensemble and bool(ctx.cfg.teachers))
 
     def key(self, ctx: RunContext) -> str:
+        if ctx.cfg.teachers:
+            return stage_key([(name, _outputs_key(sub)) for name, sub in members(ctx)])
         c = ctx.cfg
         inputs = c.media if c.modality == "audio" else c.teacher_context
         return stage_key(c.teacher, c.data, ctx.data_fingerprint, inputs, c.teacher_train, c.teacher_loss.key(),
                          c.limit)
 
     def run(self, ctx: RunContext) -> StageResult:
+        if ctx.cfg.teachers:
+            return self._run_members(ctx)
+        return self._train(ctx)
+
+    def _run_members(self, ctx: RunContext) -> StageResult:
+        """Each of the run's teachers: trained (or reused), then its outputs written once (or reused)."""
+        from erc_distill.distill.outputs import read_teacher_outputs
+        from erc_distill.stages.runner import run_stages
+        from erc_distill.stages.teacher_outputs import export_teacher_outputs
+
+        artifacts, info = {}, []
+        subs = members(ctx)
+        for i, (name, sub) in enumerate(subs, 1):
+            ctx.log(f"teacher {i}/{len(subs)}: {name} ({sub.cfg.teacher}) in {sub.out}")
+            run_stages(sub, [self])
+            path = ctx.cache_dir / "teacher-outputs" / \
+                f"{sub.cfg.data}-{Path(str(sub.cfg.teacher)).name}-{_outputs_key(sub)}.npz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            outputs = None
+            if path.is_file():
+                try:
+                    outputs = read_teacher_outputs(path)
+                    ctx.log(f"teacher {name}: outputs written before, reused from {path}")
+                except ConfigError as err:  # a damaged file: written again
+                    ctx.log(f"teacher {name}: its outputs file is damaged ({err}); labelling again")
+            if outputs is None:
+                outputs = read_teacher_outputs(export_teacher_outputs(sub, path))
+            scores = outputs.meta.get("metrics", {})
+            info.append({"name": name, "teacher": str(sub.cfg.teacher), "key": sub.manifest.record("teacher")["key"],
+                         "params": outputs.meta.get("params"), "run": str(sub.out),
+                         **{f"{s}_weighted_f1": scores.get(s, {}).get("weighted_f1") for s in ("dev", "test")}})
+            artifacts[f"outputs:{name}"] = path
+        return StageResult(artifacts, {"members": info})
+
+    def _train(self, ctx: RunContext) -> StageResult:
         import torch
 
         from erc_distill.distill.objective import build_objective
@@ -78,3 +120,28 @@ class TeacherStage(Stage):
             info["files_sha256"] = sha256_tree(tmp)  # checked when a later run reuses this teacher
             (tmp / "result.json").write_text(json.dumps(info, indent=2))
         return StageResult({"model": model_dir}, info)
+
+
+def members(ctx: RunContext) -> list[tuple[str, RunContext]]:
+    """(name, its own run context) of each of the run's ``teachers``: ``RUN/teachers/NAME`` with its manifest,
+    sharing the run's cache folder (so the teacher's key, and its trained model, are the single-teacher ones)."""
+    from erc_distill.config import teacher_configs, to_plain
+    from erc_distill.stages import resolve_precision
+    from erc_distill.stages.manifest import Manifest
+
+    out = []
+    for name, cfg in teacher_configs(ctx.cfg):
+        cfg = resolve_precision(cfg, log=lambda _: None)  # an entry may set its own (auto) precision
+        folder = ctx.out / "teachers" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = Manifest(folder / "manifest.json")
+        manifest.data.update(config=to_plain(cfg), data=ctx.manifest.data.get("data"))
+        out.append((name, RunContext(cfg, folder, ctx.cache_dir, manifest, ctx.data_fingerprint, ctx.log,
+                                     ctx.progress)))
+    return out
+
+
+def _outputs_key(ctx: RunContext) -> str:
+    """What a teacher's outputs file depends on beyond the teacher: the transfer turns it labels and the slice."""
+    transfer = ctx.transfer_set().report.fingerprint if ctx.cfg.transfer else None
+    return stage_key(TeacherStage().key(ctx), transfer, ctx.cfg.limit)

@@ -1,0 +1,155 @@
+"""Several teachers trained in one run (``--teachers`` / an experiment file's ``teachers:`` list), their ensemble
+the KD target, each content-addressed and shared between runs; on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from erc_distill.cli import main
+from erc_distill.config import Setting, build_config, load_config_file, quick, teacher_configs
+from erc_distill.distill.cache import TeacherCache
+from erc_distill.distill.outputs import ensemble, read_teacher_outputs
+from erc_distill.errors import ConfigError
+
+
+def _argv(fixture_data, tmp_path, *extra):
+    return ["--student", "tiny", "--data", "meld", "--data-dir", str(fixture_data),
+            "--cache-dir", str(tmp_path / "cache"), "--epochs", "1", "--teacher-epochs", "1", "--batch-size", "4",
+            "--max-len", "64", "--teacher-max-len", "64", "--loss", "ce=1,kd=1", *extra]
+
+
+def _experiment(tmp_path, teachers, **more):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"teachers": teachers, **more}))
+    return path
+
+
+def test_an_experiment_file_trains_each_teacher_and_distils_from_their_ensemble(fixture_data, tmp_path, capsys):
+    exp = _experiment(tmp_path, [
+        {"name": "spcl-s0", "teacher": "tiny", "teacher_train": {"seed": 0}},
+        {"name": "utt-s1", "teacher": "tiny", "teacher_context": "utterance", "teacher_train.seed": 1,
+         "teacher_loss": {"weights": {"ce": 1}}},
+    ], tau=2.0)
+    run = tmp_path / "run"
+    assert main(["evaluate", "--config", str(exp), *_argv(fixture_data, tmp_path, "--transfer", "emorynlp",
+                                                          "--out", str(run))]) == 0
+    out = capsys.readouterr().out
+    assert "teacher 1/2: spcl-s0" in out and "teacher 2/2: utt-s1" in out
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    members = stages["teacher"]["members"]
+    assert [m["name"] for m in members] == ["spcl-s0", "utt-s1"]
+    assert members[0]["key"] != members[1]["key"]  # another context and seed: another teacher
+    files = [stages["teacher"]["artifacts"][f"outputs:{m['name']}"] for m in members]
+    outputs = [read_teacher_outputs(f) for f in files]
+    assert outputs[0].meta["teacher_context"]["max_previous_turns"] > 0
+    assert outputs[1].meta["teacher_context"]["max_previous_turns"] == 0  # the utterance preset
+    assert all("transfer" in o.splits for o in outputs)  # each labelled the transfer turns
+    # each member is a run folder of its own holding its teacher's record
+    for m in members:
+        sub = json.loads((run / "teachers" / m["name"] / "manifest.json").read_text())
+        assert sub["stages"]["teacher"]["key"] == m["key"] and sub["config"]["teachers"] == []
+    # the KD target is the mean of the members' tempered probabilities (tau 2), joined by id
+    cache = TeacherCache(stages["cache"]["artifacts"]["cache"])
+    ids = sorted((i for i, (split, _) in cache.row.items() if split == "train"), key=lambda i: cache.row[i][1])
+    assert any(i.startswith("emorynlp-transfer/") for i in ids)
+    _, want = ensemble(outputs, (), 2.0, ids)
+    got = np.asarray(cache.arrays["train"]["logits"])
+    assert np.allclose(got, want, atol=1e-5)
+    # scored like models: the ensemble and each member, with predictions CSVs
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"teacher", "teacher:spcl-s0", "teacher:utt-s1", "student"} <= set(metrics)
+    assert metrics["teacher"]["teachers"] == ["spcl-s0", "utt-s1"]
+    assert metrics["teacher:utt-s1"]["test"]["weighted_f1"] == pytest.approx(members[1]["test_weighted_f1"])
+    assert (run / "predictions_teacher-spcl-s0_test.csv").is_file()
+    # the same files given as --teacher-outputs make the same ensemble: the same cache key
+    files_run = tmp_path / "files"
+    assert main(["distill", *_argv(fixture_data, tmp_path, "--tau", "2", "--transfer", "emorynlp",
+                                   "--teacher-outputs", *files, "--out", str(files_run))]) == 0
+    assert json.loads((files_run / "manifest.json").read_text())["stages"]["cache"]["key"] == stages["cache"]["key"]
+    capsys.readouterr()
+    # rerun: everything up to date
+    assert main(["evaluate", "--config", str(exp), *_argv(fixture_data, tmp_path, "--transfer", "emorynlp",
+                                                          "--out", str(run))]) == 0
+    assert "running" not in capsys.readouterr().out
+
+
+def test_teachers_are_shared_between_runs_and_a_new_member_trains_alone(fixture_data, tmp_path, capsys):
+    assert main(["distill", *_argv(fixture_data, tmp_path, "--teachers", "tiny", "--out", str(tmp_path / "a"))]) == 0
+    capsys.readouterr()
+    # another run, another student seed, one more teacher: the first is reused (model and outputs), not retrained
+    assert main(["distill", *_argv(fixture_data, tmp_path, "--teachers", "tiny", "tiny;teacher_train.seed=7",
+                                   "--seed", "3", "--teacher-weights", "2", "1", "--out", str(tmp_path / "b"))]) == 0
+    out = capsys.readouterr().out
+    first, second = out.split("teacher 2/2")
+    assert "trained before, reused" in first and "teacher tiny-1: outputs written before, reused" in first
+    assert "trained before" not in second and "teacher outputs:" in second  # the new member trains and labels
+    b = json.loads((tmp_path / "b" / "manifest.json").read_text())["stages"]
+    a = json.loads((tmp_path / "a" / "manifest.json").read_text())["stages"]
+    assert b["teacher"]["artifacts"]["outputs:tiny-1"] == a["teacher"]["artifacts"]["outputs:tiny-1"]
+    sub = json.loads((tmp_path / "b" / "teachers" / "tiny-2" / "manifest.json").read_text())
+    assert sub["stages"]["teacher"]["status"] == "done"
+    first = json.loads((tmp_path / "b" / "teachers" / "tiny-1" / "manifest.json").read_text())
+    assert first["stages"]["teacher"]["key"] == a["teacher"]["members"][0]["key"]
+
+
+def test_a_member_whose_outputs_file_was_damaged_labels_again(fixture_data, tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["distill", *_argv(fixture_data, tmp_path, "--teachers", "tiny", "--out", str(run))]) == 0
+    path = json.loads((run / "manifest.json").read_text())["stages"]["teacher"]["artifacts"]["outputs:tiny-1"]
+    with open(path, "r+b") as fh:
+        fh.truncate(100)
+    capsys.readouterr()
+    assert main(["distill", *_argv(fixture_data, tmp_path, "--teachers", "tiny", "--out", str(run))]) == 0
+    out = capsys.readouterr().out
+    assert "labelling again" in out and "teacher dev" in out
+    assert "[teacher] up to date" in out.split("teacher 1/1")[1]  # the member's model is not retrained
+    assert len(read_teacher_outputs(path).ids) > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--teachers", "tiny;student=tiny"], "not a teacher-side setting"),
+    (["--teachers", "tiny;bogus=1"], "unknown option"),
+    (["--teachers", "tiny;teacher_epochs=0"], "must be >= 1"),
+    (["--teachers", "tiny;teacher_epochs=0"], "--teachers entry 1"),
+    (["--teachers", "tiny;name=a", "tiny;name=a"], "two teachers are named 'a'"),
+    (["--teachers", "tiny;name=a/b"], "letters, digits"),
+    (["--teachers", "tiny;seed"], "expected key=value"),
+    (["--teachers", "tiny", "--teacher-outputs", "a.npz"], "not both"),
+    (["--teachers", "tiny", "tiny", "--teacher-weights", "1"], "1 weights for 2 --teachers entries"),
+    (["--teachers", "tiny", "--loss", "ce=1,dist=1,feature=0.5"], "need the teacher model's features"),
+    (["--teachers", "tiny", "--loss", "ce=1"], "would be ignored"),
+    (["--teachers", "tiny;teacher=none"], "names no teacher encoder"),
+    (["--teachers", "tiny;teacher=/no/such/model"], "/no/such/model"),
+])
+def test_bad_teacher_entries_are_one_line_errors_before_any_training(fixture_data, tmp_path, capsys, extra, message):
+    assert main(["distill", *_argv(fixture_data, tmp_path, "--out", str(tmp_path / "r")), *extra]) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "cache" / "teachers").exists()
+
+
+def test_experiment_file_entries_are_checked_and_named(tmp_path):
+    bad = _experiment(tmp_path, [{"teacher": "tiny", "teacher_context.turn_template": "a;b"}], loss="ce=1,kd=1")
+    with pytest.raises(ConfigError, match="';' inside a teacher setting"):
+        load_config_file(bad)
+    cfg = build_config(load_config_file(_experiment(tmp_path, ["tiny", {"teacher": "tiny-bert", "teacher_lr": 1e-4,
+                                                                        "teacher_loss": "ce=1,supcon=0.1"}],
+                                                   loss="ce=1,kd=1")))
+    (n1, c1), (n2, c2) = teacher_configs(cfg)
+    assert (n1, n2) == ("tiny-1", "tiny-bert-2")
+    assert c2.teacher_train.optim.lr == 1e-4 and c2.teacher_loss.weights == {"ce": 1.0, "supcon": 0.1}
+    assert c1.student == cfg.student and c1.teachers == () and c1.trains_teacher
+
+
+def test_quick_shrinks_every_teacher_entry(tmp_path):
+    cfg = build_config([Setting("teachers", ["tiny;teacher_epochs=4;teacher_context=telme;teacher_max_len=256"],
+                                "test", "teachers"), Setting("loss", "ce=1,kd=1", "test", "loss")])
+    (_, before), = teacher_configs(cfg)
+    assert before.teacher_train.epochs == 4 and before.teacher_context.max_len == 256
+    (_, after), = teacher_configs(quick(cfg))
+    assert after.teacher_train.epochs == 1 and after.teacher_context.max_len == 128
+    assert after.teacher_context.max_previous_turns == before.teacher_context.max_previous_turns  # still telme
