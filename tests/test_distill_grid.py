@@ -76,3 +76,28 @@ def test_summary_pairs_arms_by_seed_and_leaves_out_stopped_runs(tmp_path):
     assert pair["seeds"] == ["1", "2"] and pair["test_diffs"] == pytest.approx([2.0, 1.5])
     assert "| ensemble+emorynlp − utterance-only | 2 | 1.75 ± 0.35 |" in text
     assert result["students"][distill_grid.MAIN]["1"]["int8_test_wf1"] == pytest.approx(61.5)
+
+
+def test_cpu_study_pairs_each_arm_with_the_utterance_baseline_by_seed(tmp_path):
+    import distill_cpu
+
+    def metrics(test, dev):
+        row = {"test": {"weighted_f1": test / 100, "macro_f1": 0.3, "accuracy": 0.5}, "dev": {"weighted_f1": dev / 100}}
+        return {"student": row, "teacher": row}
+
+    plan = distill_cpu.arms(["t.npz"])
+    scores = {"utterance-only": {1: (60, 55), 2: (61, 56)}, "KD": {1: (61, 57), 2: (63, 56.5)},
+              "KD + transfer": {2: (62, 58)}}  # seed 1 of this arm did not finish
+    for arm, by_seed in scores.items():
+        for seed, (test, dev) in by_seed.items():
+            run = tmp_path / "runs" / f"{distill_grid.slug(arm)}-s{seed}"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps(metrics(test, dev)))
+    text = distill_cpu.summarize(tmp_path, plan, Namespace(seeds=[1, 2], teacher_outputs=["t.npz"]))
+    result = json.loads((tmp_path / "cpu_grid.json").read_text())
+    pairs = {p["arm"]: p for p in result["paired"]}
+    assert pairs["KD"]["test_diffs"] == pytest.approx([1.0, 2.0]) and pairs["KD"]["seeds"] == ["1", "2"]
+    assert pairs["KD + transfer"]["seeds"] == ["2"] and pairs["KD + transfer"]["test_diffs"] == pytest.approx([1.0])
+    assert "label smoothing 0.1" not in pairs  # no runs, no pair
+    assert "| KD − utterance-only | 2 | 1.50 ± 0.71 |" in text
+    assert "--teacher-outputs" in plan["KD"] and "--transfer" in plan["KD + transfer"]

@@ -696,7 +696,7 @@ def check_config(cfg: RunConfig) -> RunConfig:
         if "spcl" in loss.weights and loss.spcl_k > loss.spcl_queue:
             raise ConfigError(f"spcl_k ({loss.spcl_k}) must be <= spcl_queue ({loss.spcl_queue})",
                               field=f"--{name.replace('_', '-')}.spcl-k")
-    if cfg.teacher is None and cfg.loss.needs_teacher:
+    if cfg.teacher is None and cfg.loss.needs_teacher and not (cfg.teacher_outputs or cfg.teachers):
         needs = [n for n in cfg.loss.weights if _needs_teacher(n)]
         raise ConfigError(f"the terms {', '.join(needs)} need a teacher; with --teacher none use e.g. --loss ce=1",
                           field="--loss")

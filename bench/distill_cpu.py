@@ -1,0 +1,120 @@
+"""Does the teacher's knowledge pay, at a size a 2-core CPU trains in an hour? (issue #10, without a GPU)
+
+The GPU grid (``bench/distill_grid.py``) asks it with context students and a four-teacher ensemble. Here the
+question is asked where the CPU can answer it with 5 seeds: **utterance-only** MiniLM-L6 students (the
+input a user's plain fine-tune sees, ``--config meld-plain-baseline``), every arm with the same budget
+(``--epochs 3 --batch-size 32``, dev checks every half epoch, the best dev checkpoint kept), paired by seed:
+
+    utterance-only        cross-entropy (the baseline)
+    label smoothing 0.1   a regulariser that needs no teacher (the control)
+    KD                    + the teacher output files' ensemble, ``ce=1,kd=1`` (τ 4)
+    KD + transfer         + the EmoryNLP transfer scenes, soft targets only
+
+    python bench/distill_cpu.py --out runs/distill-cpu --teacher-outputs bench/results/teachers/X.npz \\
+        --data-dir ../shared/data [--seeds 1 2 3 4 5]
+
+Writes ``OUT/cpu_grid.{json,md}`` (mean ± std per arm, paired differences); a rerun skips finished runs.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from distill_grid import _scores, mean_std, slug  # noqa: E402
+from experiment_grid import Grid, common_flags, grid_parser  # noqa: E402
+
+BUDGET = ["--epochs", "3", "--batch-size", "32", "--val-check-interval", "0.5"]
+BASELINE = "utterance-only"
+
+
+def arms(teacher_outputs: list[str]) -> dict[str, list[str]]:
+    base = ["--config", "meld-plain-baseline", *BUDGET]
+    kd = [*base, "--teacher-outputs", *teacher_outputs, "--loss", "ce=1,kd=1"]
+    return {BASELINE: base, "label smoothing 0.1": [*base, "--label-smoothing", "0.1"], "KD": kd,
+            "KD + transfer": [*kd, "--transfer", "emorynlp"]}
+
+
+def main() -> None:
+    p = grid_parser(__doc__, "runs/distill-cpu", [1, 2, 3, 4, 5])
+    p.add_argument("--teacher-outputs", nargs="+", required=True, help="the ensemble's output files")
+    p.add_argument("--arms", nargs="+", default=None, help="only these arms (default: all)")
+    p.add_argument("--summarize-only", action="store_true")
+    args, passthrough = p.parse_known_args()
+    args.threads = max(args.threads, 2) if args.jobs == 1 else args.threads
+    out = args.out.resolve()
+    plan = {a: f for a, f in arms([str(Path(t).resolve()) for t in args.teacher_outputs]).items()
+            if args.arms is None or a in args.arms}
+    t0 = time.perf_counter()
+    if not args.summarize_only:
+        grid = Grid(out, common_flags(args, passthrough, 500), args.jobs, args.threads)
+        for seed in args.seeds:  # seed-major: a stopped grid still has whole pairs
+            for arm, flags in plan.items():
+                run = out / "runs" / f"{slug(arm)}-s{seed}"
+                if not (run / "metrics.json").is_file():
+                    grid.add(f"{slug(arm)}-s{seed}", ["evaluate", *flags, "--seed", str(seed), "--out", str(run)])
+        deadline = t0 + (args.deadline or float("inf"))
+        while grid.step(deadline):
+            time.sleep(2)
+    print(summarize(out, plan, args))
+
+
+def summarize(out: Path, plan: dict[str, list[str]], args) -> str:
+    runs: dict[str, dict[str, dict]] = {}
+    for arm in plan:
+        runs[arm] = {}
+        for seed in args.seeds:
+            f = out / "runs" / f"{slug(arm)}-s{seed}" / "metrics.json"
+            scores = _scores(json.loads(f.read_text())) if f.is_file() else None
+            if scores:
+                runs[arm][str(seed)] = scores
+    teacher = None
+    for arm in plan:  # the ensemble's row, as any KD run scored it
+        f = next((out / "runs").glob(f"{slug(arm)}-s*/metrics.json"), None) if arm.startswith("KD") else None
+        if f is not None:
+            teacher = _scores(json.loads(f.read_text()), "teacher")
+            break
+    pairs = []
+    for arm in plan:
+        if arm == BASELINE:
+            continue
+        common = sorted(set(runs[arm]) & set(runs.get(BASELINE, {})), key=int)
+        if common:
+            pairs.append({"arm": arm, "seeds": common,
+                          "test_diffs": [runs[arm][s]["test_wf1"] - runs[BASELINE][s]["test_wf1"] for s in common],
+                          "dev_diffs": [runs[arm][s]["dev_wf1"] - runs[BASELINE][s]["dev_wf1"] for s in common]})
+    from erc_distill.machine import machine_info, machine_summary
+
+    result = {"date": date.today().isoformat(), "machine": machine_summary(machine_info()), "host": platform.node(),
+              "budget": BUDGET, "teacher_outputs": args.teacher_outputs, "teacher": teacher, "students": runs,
+              "paired": pairs}
+    (out / "cpu_grid.json").write_text(json.dumps(result, indent=2))
+    lines = [f"# Utterance-only students on MELD: does the teacher pay? ({result['date']})", "",
+             f"Machine: {result['machine']}. MiniLM-L6 on the utterance alone, `{' '.join(BUDGET)}`, best dev "
+             f"checkpoint; teacher: {', '.join(Path(t).name for t in args.teacher_outputs)}"
+             + (f" (test wF1 {teacher['test_wf1']:.2f}, dev {teacher['dev_wf1']:.2f})" if teacher else "") + ".", "",
+             "| arm | seeds | test wF1 | dev wF1 | test macro F1 | per seed (test) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for arm, r in runs.items():
+        if r:
+            col = lambda k: mean_std([x[k] for x in r.values()])  # noqa: E731
+            per_seed = ", ".join(f"{x['test_wf1']:.2f}" for x in r.values())
+            lines.append(f"| {arm} | {len(r)} | {col('test_wf1')} | {col('dev_wf1')} | {col('test_macro_f1')} | "
+                         f"{per_seed} |")
+    lines += ["", f"Paired differences against {BASELINE} (same seeds, points):", "",
+              "| arm − baseline | seeds | test | dev | per seed (test) |", "| --- | --- | --- | --- | --- |"]
+    for pr in pairs:
+        lines.append(f"| {pr['arm']} − {BASELINE} | {len(pr['seeds'])} | {mean_std(pr['test_diffs'])} | "
+                     f"{mean_std(pr['dev_diffs'])} | {', '.join(f'{d:+.2f}' for d in pr['test_diffs'])} |")
+    text = "\n".join(lines) + "\n"
+    (out / "cpu_grid.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
