@@ -1,17 +1,18 @@
-"""Does the teacher's knowledge pay, at a size a 2-core CPU trains in an hour? (issue #10, without a GPU)
+"""Does the teacher's knowledge pay, at a size a 2-core CPU trains? (issue #10, without a GPU)
 
 The GPU grid (``bench/distill_grid.py``) asks it with context students and a four-teacher ensemble. Here the
-question is asked where the CPU can answer it with 5 seeds: **utterance-only** MiniLM-L6 students (the
-input a user's plain fine-tune sees, ``--config meld-plain-baseline``), every arm with the same budget
-(``--epochs 3 --batch-size 32``, dev checks every half epoch, the best dev checkpoint kept), paired by seed:
+question is asked where the CPU can answer it over seeds: **utterance-only** MiniLM-L6 students, the README
+main command's recipe (``--config meld-cpu``: 3 epochs, batch 16, dev checks every half epoch, the best dev
+checkpoint kept) against the same recipe without a teacher (``--config meld-plain-baseline``, what a user's
+plain fine-tune runs), paired by seed:
 
     utterance-only        cross-entropy (the baseline)
-    label smoothing 0.1   a regulariser that needs no teacher (the control)
-    KD                    + the teacher output files' ensemble, ``ce=1,kd=1`` (τ 4)
+    KD                    + the teacher output files' ensemble, ``ce=1,kd=1`` (τ 4): ``--config meld-cpu``
     KD + transfer         + the EmoryNLP transfer scenes, soft targets only
+    label smoothing 0.1   a regulariser that needs no teacher (the control)
 
-    python bench/distill_cpu.py --out runs/distill-cpu --teacher-outputs bench/results/teachers/X.npz \\
-        --data-dir ../shared/data [--seeds 1 2 3 4 5]
+    python bench/distill_cpu.py --out runs/distill-cpu --data-dir ../shared/data --jobs 2 \
+        [--teacher-outputs bench/results/teachers/X.npz] [--arms utterance-only KD] [--seeds 0 1 2 3 4]
 
 Writes ``OUT/cpu_grid.{json,md}`` (mean ± std per arm, paired differences); a rerun skips finished runs.
 """
@@ -29,27 +30,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 from distill_grid import _scores, mean_std, slug  # noqa: E402
 from experiment_grid import Grid, common_flags, grid_parser  # noqa: E402
 
-BUDGET = ["--epochs", "3", "--batch-size", "32", "--val-check-interval", "0.5"]
 BASELINE = "utterance-only"
+ARMS = (BASELINE, "KD", "KD + transfer", "label smoothing 0.1")
 
 
 def arms(teacher_outputs: list[str]) -> dict[str, list[str]]:
-    base = ["--config", "meld-plain-baseline", *BUDGET]
-    kd = [*base, "--teacher-outputs", *teacher_outputs, "--loss", "ce=1,kd=1"]
-    return {BASELINE: base, "label smoothing 0.1": [*base, "--label-smoothing", "0.1"], "KD": kd,
-            "KD + transfer": [*kd, "--transfer", "emorynlp"]}
+    """Arm -> flags; ``teacher_outputs``: files instead of ``meld-cpu``'s own (empty: its own)."""
+    base = ["--config", "meld-plain-baseline"]
+    kd = ["--config", "meld-cpu", *(["--teacher-outputs", *teacher_outputs] if teacher_outputs else [])]
+    return {BASELINE: base, "KD": kd, "KD + transfer": [*kd, "--transfer", "emorynlp"],
+            "label smoothing 0.1": [*base, "--label-smoothing", "0.1"]}
 
 
 def main() -> None:
-    p = grid_parser(__doc__, "runs/distill-cpu", [1, 2, 3, 4, 5])
-    p.add_argument("--teacher-outputs", nargs="+", required=True, help="the ensemble's output files")
-    p.add_argument("--arms", nargs="+", default=None, help="only these arms (default: all)")
+    p = grid_parser(__doc__, "runs/distill-cpu", [0, 1, 2, 3, 4])
+    p.add_argument("--teacher-outputs", nargs="+", default=[], help="the ensemble's files (default: meld-cpu's)")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="only these arms")
     p.add_argument("--summarize-only", action="store_true")
     args, passthrough = p.parse_known_args()
     args.threads = max(args.threads, 2) if args.jobs == 1 else args.threads
     out = args.out.resolve()
     plan = {a: f for a, f in arms([str(Path(t).resolve()) for t in args.teacher_outputs]).items()
-            if args.arms is None or a in args.arms}
+            if a in args.arms}
     t0 = time.perf_counter()
     if not args.summarize_only:
         grid = Grid(out, common_flags(args, passthrough, 500), args.jobs, args.threads)
@@ -90,13 +92,14 @@ def summarize(out: Path, plan: dict[str, list[str]], args) -> str:
                           "dev_diffs": [runs[arm][s]["dev_wf1"] - runs[BASELINE][s]["dev_wf1"] for s in common]})
     from erc_distill.machine import machine_info, machine_summary
 
+    teacher_files = args.teacher_outputs or ["meld-cpu's"]
     result = {"date": date.today().isoformat(), "machine": machine_summary(machine_info()), "host": platform.node(),
-              "budget": BUDGET, "teacher_outputs": args.teacher_outputs, "teacher": teacher, "students": runs,
-              "paired": pairs}
+              "arms": plan, "teacher_outputs": teacher_files, "teacher": teacher, "students": runs, "paired": pairs}
     (out / "cpu_grid.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Utterance-only students on MELD: does the teacher pay? ({result['date']})", "",
-             f"Machine: {result['machine']}. MiniLM-L6 on the utterance alone, `{' '.join(BUDGET)}`, best dev "
-             f"checkpoint; teacher: {', '.join(Path(t).name for t in args.teacher_outputs)}"
+             f"Machine: {result['machine']}. MiniLM-L6 on the utterance alone, 3 epochs, batch 16, best dev "
+             f"checkpoint (`--config meld-plain-baseline` / `meld-cpu`); teacher: "
+             f"{', '.join(Path(t).name for t in teacher_files)}"
              + (f" (test wF1 {teacher['test_wf1']:.2f}, dev {teacher['dev_wf1']:.2f})" if teacher else "") + ".", "",
              "| arm | seeds | test wF1 | dev wF1 | test macro F1 | per seed (test) |",
              "| --- | --- | --- | --- | --- | --- |"]
