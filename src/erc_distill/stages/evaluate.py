@@ -72,7 +72,8 @@ class EvaluateStage(Stage):
                     data = replace(data, dialogues=data.dialogues[: ctx.cfg.limit])
                 m = metrics[row][split] = evaluate_outputs(members, weights, data, path)
                 artifacts[f"predictions_{row}_{split}"] = path
-                what = f"ensemble of {len(outputs)} teachers" if row == "teacher" else "one member"
+                what = "one member" if row != "teacher" else \
+                    f"ensemble of {len(outputs)} teachers" if len(outputs) > 1 else "from its outputs file"
                 ctx.log(f"{row:>8} {split:<5} weighted F1 {100 * m['weighted_f1']:.2f}  macro F1 "
                         f"{100 * m['macro_f1']:.2f}  accuracy {100 * m['accuracy']:.2f}  ({what})")
 
