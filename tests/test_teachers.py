@@ -85,15 +85,15 @@ def test_teachers_are_shared_between_runs_and_a_new_member_trains_alone(fixture_
                                    "--seed", "3", "--teacher-weights", "2", "1", "--out", str(tmp_path / "b"))]) == 0
     out = capsys.readouterr().out
     first, second = out.split("teacher 2/2")
-    assert "trained before, reused" in first and "teacher tiny-1: outputs written before, reused" in first
+    first = first.split("teacher 1/2")[1]
+    assert "teacher tiny-1: outputs written before, reused" in first and "[teacher]" not in first  # not loaded
     assert "trained before" not in second and "teacher outputs:" in second  # the new member trains and labels
     b = json.loads((tmp_path / "b" / "manifest.json").read_text())["stages"]
     a = json.loads((tmp_path / "a" / "manifest.json").read_text())["stages"]
     assert b["teacher"]["artifacts"]["outputs:tiny-1"] == a["teacher"]["artifacts"]["outputs:tiny-1"]
+    assert b["teacher"]["members"][0]["key"] == a["teacher"]["members"][0]["key"]
     sub = json.loads((tmp_path / "b" / "teachers" / "tiny-2" / "manifest.json").read_text())
     assert sub["stages"]["teacher"]["status"] == "done"
-    first = json.loads((tmp_path / "b" / "teachers" / "tiny-1" / "manifest.json").read_text())
-    assert first["stages"]["teacher"]["key"] == a["teacher"]["members"][0]["key"]
 
 
 def test_a_member_whose_outputs_file_was_damaged_labels_again(fixture_data, tmp_path, capsys):
@@ -153,3 +153,33 @@ def test_quick_shrinks_every_teacher_entry(tmp_path):
     (_, after), = teacher_configs(quick(cfg))
     assert after.teacher_train.epochs == 1 and after.teacher_context.max_len == 128
     assert after.teacher_context.max_previous_turns == before.teacher_context.max_previous_turns  # still telme
+
+
+def test_members_with_outputs_are_not_loaded_and_renames_refresh_the_rows(fixture_data, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "r"
+    assert main(["evaluate", *_argv(fixture_data, tmp_path, "--teachers", "tiny;name=a", "tiny;name=b;"
+                                    "teacher_train.seed=2", "--out", str(run))]) == 0
+    shutil.rmtree(tmp_path / "cache" / "teachers")  # the trained models are gone, their outputs are not
+    capsys.readouterr()
+    assert main(["evaluate", *_argv(fixture_data, tmp_path, "--teachers", "tiny;name=x", "tiny;name=y;"
+                                    "teacher_train.seed=2", "--out", str(run))]) == 0
+    out = capsys.readouterr().out
+    assert "teacher x: outputs written before" in out and "teacher y: outputs written before" in out
+    assert not (tmp_path / "cache" / "teachers").exists()  # nothing trained again
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {k for k in metrics if k.startswith("teacher:")} == {"teacher:x", "teacher:y"}  # no stale a / b rows
+    assert metrics["teacher"]["teachers"] == ["x", "y"]
+
+
+def test_yaml_entries_of_the_wrong_shape_are_named(tmp_path):
+    one = build_config(load_config_file(_experiment(tmp_path, "tiny;teacher_loss=ce=1,supcon=0.1",
+                                                    loss="ce=1,kd=1")))
+    assert len(teacher_configs(one)) == 1  # one string is one entry, commas and all
+    named = build_config(load_config_file(_experiment(tmp_path, [{"name": None, "teacher": "tiny"}],
+                                                      loss="ce=1,kd=1")))
+    assert teacher_configs(named)[0][0] == "tiny-1"
+    for bad in ([["tiny", "tiny-bert"]], [None], [3]):
+        with pytest.raises(ConfigError, match="an encoder name or a mapping"):
+            load_config_file(_experiment(tmp_path, bad, loss="ce=1,kd=1"))

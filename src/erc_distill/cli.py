@@ -446,8 +446,9 @@ def cmd_teacher_outputs(args: argparse.Namespace) -> int:
 
     cfg = run_config(args)
     if not cfg.trains_teacher:
-        raise ConfigError("teacher-outputs needs a teacher to train or reuse (--teacher NAME, a loss with a teacher "
-                          "term, no --teacher-outputs)", field="--teacher")
+        raise ConfigError("teacher-outputs needs one teacher to train or reuse (--teacher NAME, a loss with a teacher "
+                          "term, no --teacher-outputs or --teachers: a --teachers run writes each member's file "
+                          "itself, in its cache's teacher-outputs/)", field="--teacher")
     if cfg.modality != "text":
         raise ConfigError(f"teacher output files are for text corpora; {cfg.data} is a speech corpus", field="--data")
     if args.to.suffix != ".npz":

@@ -237,8 +237,11 @@ def parse_teacher_spec(spec: str) -> dict[str, str]:
 def teacher_spec_string(value: Any) -> str:
     """An experiment file's ``teachers:`` item (an encoder name, or a mapping of teacher-side settings, nested
     sections allowed) as the one-line form of :func:`parse_teacher_spec`."""
+    if isinstance(value, str):
+        return value
     if not isinstance(value, Mapping):
-        return str(value)
+        raise ValueError(f"a teacher entry is an encoder name or a mapping of teacher settings, not {value!r}")
+    value = {k: v for k, v in value.items() if not (k == "name" and v is None)}
 
     def items(mapping: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
         for k, v in mapping.items():
@@ -298,10 +301,11 @@ def teacher_configs(cfg: "RunConfig") -> list[tuple[str, "RunConfig"]]:
             raise ConfigError(err.message, field=err.field, source=where) from None
         name = name or f"{Path(str(sub.teacher)).name}-{i}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
-            raise ConfigError(f"teacher name {name!r}: letters, digits, '.', '_' and '-' only", field="--teachers",
-                              source=where)
+            raise ConfigError(f"teacher name {name!r}: letters, digits, '.', '_' and '-' only (set one with "
+                              "name=...)", field="--teachers", source=where)
         if name in (n for n, _ in out):
-            raise ConfigError(f"two teachers are named {name!r}", field="--teachers")
+            raise ConfigError(f"two teachers are named {name!r} (give each a name=...)", field="--teachers",
+                              source=where)
         out.append((name, sub))
     return out
 
@@ -631,9 +635,10 @@ def flatten_file(values: Mapping[str, Any], source: str, prefix: str = "") -> li
         name = f"{prefix}{key}".replace("-", "_")
         if isinstance(value, Mapping) and name in SECTIONS:
             out += flatten_file(value, source, name + ".")
-        elif name == "teachers" and isinstance(value, list):  # a list of encoders or of mappings
+        elif name == "teachers" and isinstance(value, (list, str)):  # encoders or mappings; one string is one entry
             try:
-                out.append(Setting(name, [teacher_spec_string(v) for v in value], source, name))
+                items = [value] if isinstance(value, str) else value
+                out.append(Setting(name, [teacher_spec_string(v) for v in items], source, name))
             except ValueError as err:
                 raise ConfigError(str(err), field=name, source=source) from None
         else:
@@ -729,8 +734,6 @@ def _check_teacher_outputs(cfg: RunConfig) -> None:
         if model_terms:
             raise ConfigError(f"the terms {', '.join(model_terms)} need the teacher model's features; an ensemble "
                               f"({flag}) teaches through its logits only: use e.g. --loss ce=1,dist=1", field="--loss")
-    if cfg.teachers:
-        teacher_configs(cfg)  # each entry is a valid teacher config
     if cfg.transfer:
         if cfg.data != "meld":
             raise ConfigError(f"the transfer set is made for MELD (EmoryNLP scenes and MELD train augmentations), "
@@ -738,6 +741,8 @@ def _check_teacher_outputs(cfg: RunConfig) -> None:
         if not cfg.uses_teacher:
             raise ConfigError("transfer turns have no labels: they are taught by a teacher's soft targets only; "
                               "add a teacher and a logit term (e.g. --loss ce=1,dist=1)", field="--transfer")
+    if cfg.teachers:
+        teacher_configs(cfg)  # each entry is a valid teacher config (after the run's own checks)
 
 
 def _check_modality(cfg: RunConfig) -> None:

@@ -172,8 +172,8 @@ class MultimodalRun:
         self.text_cfg = build_config(load_config_file(run / "config.yaml"))
         self.corpus = self.text_cfg.data
         self.data_dir = cfg.data_dir or self.text_cfg.data_dir
-        self.teacher_files = tuple(Path(p) for p in (cfg.teacher_outputs or self.text_cfg.teacher_outputs
-                                                     or _run_teacher_files(run)))
+        members = _run_teacher_files(run) if self.text_cfg.teachers and self.text_cfg.uses_teacher else ()
+        self.teacher_files = tuple(Path(p) for p in (cfg.teacher_outputs or self.text_cfg.teacher_outputs or members))
         self.run_cache = None if self.teacher_files else _run_teacher_cache(run)
         for f in self.teacher_files:
             if not Path(f).is_file():

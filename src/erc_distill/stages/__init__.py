@@ -99,7 +99,10 @@ def open_run(cfg: RunConfig, out: str | Path, cache_dir: str | Path | None = Non
     cfg = resolve_precision(cfg, log)
     from erc_distill.config import teacher_configs
 
-    teachers = [sub.teacher for _, sub in teacher_configs(cfg)] if cfg.ensemble else []
+    subs = [sub for _, sub in teacher_configs(cfg)] if cfg.ensemble else []
+    for sub in subs:  # an entry may ask for a GPU of its own
+        check_machine(sub)
+    teachers = [sub.teacher for sub in subs]
     for name in (cfg.teacher if cfg.trains_teacher else None, *teachers, cfg.student):
         if name is not None:  # found before hours of teacher training, not after
             resolve_model(name, cfg.modality)

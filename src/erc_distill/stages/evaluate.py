@@ -47,6 +47,8 @@ class EvaluateStage(Stage):
 
     def key(self, ctx: RunContext) -> str:
         ensemble = [ctx.manifest.record("cache")["key"]] if ctx.cfg.ensemble else []
+        if ctx.cfg.ensemble and ctx.cfg.teachers:  # the members' rows carry their names
+            ensemble.append([m["name"] for m in ctx.manifest.record("teacher")["members"]])
         return stage_key([ctx.manifest.record(s)["key"] for s in self._models(ctx).values()], ctx.data_fingerprint,
                          *ensemble)
 

@@ -1,9 +1,10 @@
 """``teacher``: fine-tune the teacher; content-addressed in the cache folder, so runs share it.
 
 With ``teachers`` (several), each is its own small run in ``RUN/teachers/NAME/`` (trained, or reused from
-the cache when another run made it), and labels every MELD turn and the transfer turns once: the file
+the cache when another run made it), and labels every turn of the corpus and the transfer turns once: the file
 ``<cache>/teacher-outputs/<data>-<encoder>-<key>.npz`` (:mod:`erc_distill.distill.outputs`), keyed by the
-teacher's stage key and the transfer set. The cache stage averages their tempered probabilities.
+teacher's stage key and the transfer set; a member whose file is there is not loaded or trained at all. The
+cache stage averages their tempered probabilities.
 
 ``<cache>/teachers/<data>-<teacher>-<key>/model/`` appears in one step (built in a temporary
 folder with its ``result.json``, then renamed), so a kill never leaves a teacher that later runs
@@ -56,21 +57,21 @@ class TeacherStage(Stage):
         subs = members(ctx)
         for i, (name, sub) in enumerate(subs, 1):
             ctx.log(f"teacher {i}/{len(subs)}: {name} ({sub.cfg.teacher}) in {sub.out}")
-            run_stages(sub, [self])
             path = ctx.cache_dir / "teacher-outputs" / \
                 f"{sub.cfg.data}-{Path(str(sub.cfg.teacher)).name}-{_outputs_key(sub)}.npz"
             path.parent.mkdir(parents=True, exist_ok=True)
             outputs = None
-            if path.is_file():
+            if path.is_file():  # its outputs are all the ensemble needs: the model is not even loaded
                 try:
                     outputs = read_teacher_outputs(path)
                     ctx.log(f"teacher {name}: outputs written before, reused from {path}")
                 except ConfigError as err:  # a damaged file: written again
                     ctx.log(f"teacher {name}: its outputs file is damaged ({err}); labelling again")
             if outputs is None:
+                run_stages(sub, [self])  # trained, or reused from the cache
                 outputs = read_teacher_outputs(export_teacher_outputs(sub, path))
             scores = outputs.meta.get("metrics", {})
-            info.append({"name": name, "teacher": str(sub.cfg.teacher), "key": sub.manifest.record("teacher")["key"],
+            info.append({"name": name, "teacher": str(sub.cfg.teacher), "key": self.key(sub),
                          "params": outputs.meta.get("params"), "run": str(sub.out),
                          **{f"{s}_weighted_f1": scores.get(s, {}).get("weighted_f1") for s in ("dev", "test")}})
             artifacts[f"outputs:{name}"] = path
@@ -130,14 +131,15 @@ def members(ctx: RunContext) -> list[tuple[str, RunContext]]:
     from erc_distill.stages.manifest import Manifest
 
     out = []
+    transfer = ctx.transfer_set()  # built once: the entries change teacher-side settings only
     for name, cfg in teacher_configs(ctx.cfg):
-        cfg = resolve_precision(cfg, log=lambda _: None)  # an entry may set its own (auto) precision
+        cfg = resolve_precision(cfg, log=ctx.log_once)  # an entry may set its own (auto) precision
         folder = ctx.out / "teachers" / name
         folder.mkdir(parents=True, exist_ok=True)
         manifest = Manifest(folder / "manifest.json")
         manifest.data.update(config=to_plain(cfg), data=ctx.manifest.data.get("data"))
         out.append((name, RunContext(cfg, folder, ctx.cache_dir, manifest, ctx.data_fingerprint, ctx.log,
-                                     ctx.progress)))
+                                     ctx.progress, _said=ctx._said, _transfer=transfer)))
     return out
 
 
