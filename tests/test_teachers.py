@@ -183,3 +183,11 @@ def test_yaml_entries_of_the_wrong_shape_are_named(tmp_path):
     for bad in ([["tiny", "tiny-bert"]], [None], [3]):
         with pytest.raises(ConfigError, match="an encoder name or a mapping"):
             load_config_file(_experiment(tmp_path, bad, loss="ce=1,kd=1"))
+
+
+def test_output_files_or_teachers_need_no_teacher_flag():
+    s = lambda name, value: Setting(name, value, "test", name)  # noqa: E731
+    cfg = build_config([s("teacher", "none"), s("teacher_outputs", ["t.npz"]), s("loss", "ce=1,kd=1")])
+    assert cfg.ensemble and not cfg.trains_teacher
+    with pytest.raises(ConfigError, match="need a teacher"):
+        build_config([s("teacher", "none"), s("loss", "ce=1,kd=1")])
