@@ -446,7 +446,7 @@ def cmd_teacher_outputs(args: argparse.Namespace) -> int:
 
     cfg = run_config(args)
     if not cfg.trains_teacher:
-        raise ConfigError("teacher-outputs needs one teacher to train or reuse (--teacher NAME, a loss with a teacher "
+        raise ConfigError("teacher-outputs needs a teacher (one) to train or reuse (--teacher NAME, a loss with a teacher "
                           "term, no --teacher-outputs or --teachers: a --teachers run writes each member's file "
                           "itself, in its cache's teacher-outputs/)", field="--teacher")
     if cfg.modality != "text":
