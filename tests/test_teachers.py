@@ -191,3 +191,29 @@ def test_output_files_or_teachers_need_no_teacher_flag():
     assert cfg.ensemble and not cfg.trains_teacher
     with pytest.raises(ConfigError, match="need a teacher"):
         build_config([s("teacher", "none"), s("loss", "ce=1,kd=1")])
+
+
+def test_a_run_killed_after_its_first_teacher_keeps_it(fixture_data, tmp_path, capsys, monkeypatch):
+    import erc_distill.stages.teacher_outputs as module
+
+    real, calls = module.export_teacher_outputs, []
+
+    def killed_on_the_second(ctx, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(ctx, path)
+
+    monkeypatch.setattr(module, "export_teacher_outputs", killed_on_the_second)
+    argv = ["distill", *_argv(fixture_data, tmp_path, "--teachers", "tiny;name=a", "tiny;name=b;teacher_train.seed=5",
+                              "--out", str(tmp_path / "r"))]
+    assert main(argv) != 0
+    stages = json.loads((tmp_path / "r" / "manifest.json").read_text())["stages"]
+    assert stages["teacher"]["status"] == "failed" and "cache" not in stages
+    monkeypatch.setattr(module, "export_teacher_outputs", real)
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    first, second = out.split("teacher 2/2")
+    assert "teacher a: outputs written before, reused" in first  # a is kept
+    assert "[teacher] up to date" in second and "teacher outputs:" in second  # b's model kept, only labelled

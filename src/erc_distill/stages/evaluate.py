@@ -61,21 +61,24 @@ class EvaluateStage(Stage):
         outputs = [read_teacher_outputs(f) for f in ctx.teacher_output_files()]
         names = [m["name"] for m in ctx.manifest.record("teacher")["members"]] if ctx.cfg.teachers else \
             [o.path.stem for o in outputs]
-        rows = {"teacher": (outputs, ctx.cfg.teacher_weights)}  # the ensemble; and each member when there are several
+        # (row, its teachers' names, their outputs, weights): the ensemble, and each member when there are several
+        rows = [("teacher", names, outputs, ctx.cfg.teacher_weights)]
         if len(outputs) > 1:
-            rows.update({f"teacher:{n}": ([o], ()) for n, o in zip(names, outputs)})
-        for row, (members, weights) in rows.items():
-            metrics[row] = {"params": sum(int(o.meta.get("params", 0)) for o in members),
-                            "teachers": names if row == "teacher" else [row.split(":", 1)[1]]}
-            for split in ("dev", "test"):
+            rows += [(f"teacher:{n}", [n], [o], ()) for n, o in zip(names, outputs)]
+        splits = {}
+        for split in ("dev", "test"):
+            data = load_corpus(ctx.cfg.data, split, ctx.cfg.data_dir)
+            if ctx.cfg.limit is not None:  # the turns the student is scored on
+                data = replace(data, dialogues=data.dialogues[: ctx.cfg.limit])
+            splits[split] = data
+        for row, row_names, members, weights in rows:
+            metrics[row] = {"params": sum(int(o.meta.get("params", 0)) for o in members), "teachers": row_names}
+            what = "one member" if row != "teacher" else \
+                f"ensemble of {len(outputs)} teachers" if len(outputs) > 1 else "from its outputs file"
+            for split, data in splits.items():
                 path = ctx.out / f"predictions_{row.replace(':', '-')}_{split}.csv"
-                data = load_corpus(ctx.cfg.data, split, ctx.cfg.data_dir)
-                if ctx.cfg.limit is not None:  # the turns the student is scored on
-                    data = replace(data, dialogues=data.dialogues[: ctx.cfg.limit])
                 m = metrics[row][split] = evaluate_outputs(members, weights, data, path)
                 artifacts[f"predictions_{row}_{split}"] = path
-                what = "one member" if row != "teacher" else \
-                    f"ensemble of {len(outputs)} teachers" if len(outputs) > 1 else "from its outputs file"
                 ctx.log(f"{row:>8} {split:<5} weighted F1 {100 * m['weighted_f1']:.2f}  macro F1 "
                         f"{100 * m['macro_f1']:.2f}  accuracy {100 * m['accuracy']:.2f}  ({what})")
 
@@ -95,7 +98,8 @@ class EvaluateStage(Stage):
                 artifacts[f"predictions_{name}_{split}"] = path
                 ctx.log(f"{name:>8} {split:<5} weighted F1 {100 * m['weighted_f1']:.2f}  "
                         f"macro F1 {100 * m['macro_f1']:.2f}  accuracy {100 * m['accuracy']:.2f}")
-        ctx.merge_metrics(metrics, drop=lambda row: row.startswith("teacher:"))  # INT8 rows stay: the quantize stage replaces them when the student changes
+        # INT8 rows stay (the quantize stage replaces them when the student changes); members' rows are rewritten
+        ctx.merge_metrics(metrics, drop=lambda row: row.startswith("teacher:"))
         return StageResult({**artifacts, "metrics": ctx.out / "metrics.json"}, unhashed=("metrics",))
 
     def intact(self, ctx: RunContext) -> str | None:

@@ -36,7 +36,7 @@ class TeacherStage(Stage):
 
     def key(self, ctx: RunContext) -> str:
         if ctx.cfg.teachers:
-            return stage_key([(name, _outputs_key(sub)) for name, sub in members(ctx)])
+            return stage_key([(name, _member_file(ctx, sub)[1].name) for name, sub in members(ctx)])
         c = ctx.cfg
         inputs = c.media if c.modality == "audio" else c.teacher_context
         return stage_key(c.teacher, c.data, ctx.data_fingerprint, inputs, c.teacher_train, c.teacher_loss.key(),
@@ -57,8 +57,7 @@ class TeacherStage(Stage):
         subs = members(ctx)
         for i, (name, sub) in enumerate(subs, 1):
             ctx.log(f"teacher {i}/{len(subs)}: {name} ({sub.cfg.teacher}) in {sub.out}")
-            path = ctx.cache_dir / "teacher-outputs" / \
-                f"{sub.cfg.data}-{Path(str(sub.cfg.teacher)).name}-{_outputs_key(sub)}.npz"
+            key, path = _member_file(ctx, sub)
             path.parent.mkdir(parents=True, exist_ok=True)
             outputs = None
             if path.is_file():  # its outputs are all the ensemble needs: the model is not even loaded
@@ -71,7 +70,7 @@ class TeacherStage(Stage):
                 run_stages(sub, [self])  # trained, or reused from the cache
                 outputs = read_teacher_outputs(export_teacher_outputs(sub, path))
             scores = outputs.meta.get("metrics", {})
-            info.append({"name": name, "teacher": str(sub.cfg.teacher), "key": self.key(sub),
+            info.append({"name": name, "teacher": str(sub.cfg.teacher), "key": key,
                          "params": outputs.meta.get("params"), "run": str(sub.out),
                          **{f"{s}_weighted_f1": scores.get(s, {}).get("weighted_f1") for s in ("dev", "test")}})
             artifacts[f"outputs:{name}"] = path
@@ -143,7 +142,10 @@ def members(ctx: RunContext) -> list[tuple[str, RunContext]]:
     return out
 
 
-def _outputs_key(ctx: RunContext) -> str:
-    """What a teacher's outputs file depends on beyond the teacher: the transfer turns it labels and the slice."""
-    transfer = ctx.transfer_set().report.fingerprint if ctx.cfg.transfer else None
-    return stage_key(TeacherStage().key(ctx), transfer, ctx.cfg.limit)
+def _member_file(ctx: RunContext, sub: RunContext) -> tuple[str, Path]:
+    """A member's teacher key and its outputs file in the cache, keyed by that teacher, the transfer turns it
+    labels and the slice."""
+    key = TeacherStage().key(sub)
+    transfer = sub.transfer_set().report.fingerprint if sub.cfg.transfer else None
+    name = f"{sub.cfg.data}-{Path(str(sub.cfg.teacher)).name}-{stage_key(key, transfer, sub.cfg.limit)}.npz"
+    return key, ctx.cache_dir / "teacher-outputs" / name
