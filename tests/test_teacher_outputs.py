@@ -158,7 +158,7 @@ def test_teacher_outputs_then_a_student_distilled_from_their_ensemble_with_the_t
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--teacher-outputs", "a.npz", "--loss", "ce=1,dist=1,feature=0.5"], "need the teacher model's features"),
+    (["--teacher-outputs", "a.npz", "--loss", "ce=1,dist=1,feature=0.5"], "need the teacher models' features"),
     (["--teacher-outputs", "a.npz", "--teacher-weights", "1", "2", "--loss", "ce=1,kd=1"], "2 weights for 1"),
     (["--transfer", "emorynlp", "--teacher", "none", "--loss", "ce=1"], "transfer turns have no labels"),
     (["--transfer", "emorynlp", "--data", "emorynlp", "--loss", "ce=1,kd=1"], "made for MELD"),
@@ -166,7 +166,7 @@ def test_teacher_outputs_then_a_student_distilled_from_their_ensemble_with_the_t
     (["--teacher-outputs", "missing.npz", "--loss", "ce=1,kd=1"], "missing.npz: no such file"),
     (["--teacher-outputs", "a.npz", "--loss", "ce=1"], "would be ignored"),
     (["--teacher-outputs", "a.npz", "--teacher-weights", "0", "--loss", "ce=1,kd=1"], "all 0"),
-    (["--teacher-outputs", "a.npz", "--loss", "ce=1,kd=1,feature=0"], "need the teacher model's features"),
+    (["--teacher-outputs", "a.npz", "--loss", "ce=1,kd=1,feature=0"], "need the teacher models' features"),
     (["--teacher-outputs", "a.npz", "--teacher-weights", "-1", "--loss", "ce=1,kd=1"], "--teacher-weights"),
     (["--teacher-outputs", "a.npz", "--teacher-weights", "x", "--loss", "ce=1,kd=1"], "--teacher-weights"),
 ])

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from erc_distill.cli import main
@@ -120,7 +121,6 @@ def test_a_member_whose_outputs_file_was_damaged_labels_again(fixture_data, tmp_
     (["--teachers", "tiny;seed"], "expected key=value"),
     (["--teachers", "tiny", "--teacher-outputs", "a.npz"], "not both"),
     (["--teachers", "tiny", "tiny", "--teacher-weights", "1"], "1 weights for 2 --teachers entries"),
-    (["--teachers", "tiny", "--loss", "ce=1,dist=1,feature=0.5"], "need the teacher model's features"),
     (["--teachers", "tiny", "--loss", "ce=1"], "would be ignored"),
     (["--teachers", "tiny;teacher=none"], "names no teacher encoder"),
     (["--teachers", "tiny;teacher=/no/such/model"], "/no/such/model"),
@@ -217,3 +217,72 @@ def test_a_run_killed_after_its_first_teacher_keeps_it(fixture_data, tmp_path, c
     first, second = out.split("teacher 2/2")
     assert "teacher a: outputs written before, reused" in first  # a is kept
     assert "[teacher] up to date" in second and "teacher outputs:" in second  # b's model kept, only labelled
+
+
+def _wide_tiny(folder):
+    """A tiny RoBERTa 48 wide (the ``tiny`` preset is 32): a teacher of another width."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+    from erc_distill.data.paths import user_cache_dir
+    from erc_distill.modeling import tiny_encoder_folder
+
+    tok = AutoTokenizer.from_pretrained(tiny_encoder_folder(user_cache_dir() / "models" / "tiny-v1", "roberta"))
+    config = RobertaConfig(vocab_size=len(tok), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=37, max_position_embeddings=520, pad_token_id=tok.pad_token_id,
+                           bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    RobertaModel(config, add_pooling_layer=False).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_feature_terms_get_one_projection_per_teacher(fixture_data, tmp_path, capsys):
+    from erc_distill.distill.losses import FeatureKD, HiddenMSE, PerTeacher
+
+    wide = _wide_tiny(tmp_path / "wide")
+    loss = ["--loss", "ce=1,kd=1,feature=0.5,hidden=0.5", "--loss.hidden-layers", "1"]
+    # the wide teacher alone, as a single-teacher run: its cache is the one the ensemble reads
+    single = tmp_path / "single"
+    assert main(["distill", *_argv(fixture_data, tmp_path, "--teacher", str(wide), *loss, "--out", str(single))]) == 0
+    run = tmp_path / "run"
+    assert main(["distill", *_argv(fixture_data, tmp_path, "--teachers", "tiny", f"teacher={wide};name=wide", *loss,
+                                   "--out", str(run))]) == 0
+    out = capsys.readouterr().out
+    assert "one projection each" in out and "32+48 wide" in out
+    assert "mean over 2 teachers of feature(τ=1)" in out and "mean over 2 teachers of hidden" in out
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    cache = TeacherCache(stages["cache"]["artifacts"]["cache"])
+    assert cache.key["feature_dims"] == [32, 48]
+    members = [TeacherCache(json.loads((run / "teachers" / n / "manifest.json").read_text())["stages"]["cache"]
+                            ["artifacts"]["cache"]) for n in ("tiny-1", "wide")]
+    wide_alone = json.loads((single / "manifest.json").read_text())["stages"]["cache"]["artifacts"]["cache"]
+    assert str(members[1].folder) == wide_alone  # shared with the single-teacher run, not computed again
+    ids = json.loads((cache.folder / "dev.ids.json").read_text())
+    got = cache.lookup(ids)
+    assert got["features"].shape == (len(ids), 80) and got["hidden"].shape == (len(ids), 1, 80)
+    for m, part in zip(members, (slice(0, 32), slice(32, 80))):  # each teacher's own features, joined by id
+        assert np.allclose(got["features"][:, part], m.lookup(ids)["features"], atol=1e-3)
+    # the objective: one projection per teacher (student 32 wide: identity for tiny, 32 -> 48 for wide)
+    from erc_distill.config import LossConfig
+    from erc_distill.distill.objective import build_objective
+
+    objective = build_objective(LossConfig(weights={"ce": 1, "feature": 1, "hidden": 1}, hidden_layers=1), 7, 32,
+                                [32, 48], student_layers=2)
+    feat, hid = objective.terms["feature"], objective.terms["hidden"]
+    assert isinstance(feat, PerTeacher) and [type(t) for t in feat.members] == [FeatureKD, FeatureKD]
+    assert isinstance(feat.members[0].proj, torch.nn.Identity) and feat.members[1].proj.weight.shape == (48, 32)
+    assert isinstance(hid, PerTeacher) and isinstance(hid.members[1], HiddenMSE) and hid.needs_hidden
+    # the mean of each teacher's term on its own slice
+    from erc_distill.data.datamodule import Batch
+    from erc_distill.modeling import ModelOutput
+
+    torch.manual_seed(0)
+    student = ModelOutput(logits=torch.randn(5, 7), features=torch.randn(5, 32))
+    t = torch.randn(5, 80)
+    batch = Batch(input_ids=torch.zeros(5, 3, dtype=torch.long), attention_mask=torch.ones(5, 3, dtype=torch.long),
+                  mask_index=torch.zeros(5, dtype=torch.long), labels=torch.zeros(5, dtype=torch.long),
+                  example_ids=[str(i) for i in range(5)], teacher={"features": t})
+    parts = [Batch(**{**batch.__dict__, "teacher": {"features": x}}) for x in (t[:, :32], t[:, 32:])]
+    want = (feat.members[0](student, parts[0]) + feat.members[1](student, parts[1])) / 2
+    assert torch.allclose(feat(student, batch), want)
+    with pytest.raises(ValueError, match="80"):
+        feat(student, Batch(**{**batch.__dict__, "teacher": {"features": t[:, :60]}}))

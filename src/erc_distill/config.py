@@ -359,7 +359,7 @@ class RunConfig:
     teacher_weights: tuple[float, ...] = opt((), "weights of the ensemble's members: the --teacher-outputs files or "
                                              "the --teachers (default: equal)", ge=0)
     teachers: tuple[str, ...] = opt((), "several teachers trained (or reused from the cache) in this run, their "
-                                    "ensemble the KD target (logit terms only): each an encoder, or "
+                                    "ensemble the KD target (feature terms: one projection per teacher): each an encoder, or "
                                     "'name=N;teacher=ENC;teacher_context=telme;teacher_train.seed=1' (teacher-side "
                                     "settings; an experiment file may give a list of mappings)", check=_check_specs)
     transfer: tuple[str, ...] = opt((), "unlabelled turns added to the student's training set, taught by the teacher "
@@ -379,7 +379,7 @@ class RunConfig:
     @property
     def ensemble(self) -> bool:
         """The KD target is an ensemble of teacher outputs: files given (``teacher_outputs``) or written by the
-        teachers this run trains (``teachers``); logit terms only."""
+        teachers this run trains (``teachers``; these also give each teacher's features to the feature terms)."""
         return self.uses_teacher and bool(self.teacher_outputs or self.teachers)
 
     @property
@@ -731,9 +731,10 @@ def _check_teacher_outputs(cfg: RunConfig) -> None:
             raise ConfigError(f"the loss ({', '.join(cfg.loss.weights)}) has no term that reads a teacher, so the "
                               f"{what} would be ignored: add one (e.g. --loss ce=1,kd=1) or drop {flag}", field=flag)
         model_terms = [n for n in cfg.loss.weights if n in ("feature", "hidden")]
-        if model_terms:
-            raise ConfigError(f"the terms {', '.join(model_terms)} need the teacher model's features; an ensemble "
-                              f"({flag}) teaches through its logits only: use e.g. --loss ce=1,dist=1", field="--loss")
+        if model_terms and not cfg.teachers:
+            raise ConfigError(f"the terms {', '.join(model_terms)} need the teacher models' features; output files "
+                              "carry logits only: train the teachers in the run (--teachers) or use e.g. "
+                              "--loss ce=1,dist=1", field="--loss")
     if cfg.transfer:
         if cfg.data != "meld":
             raise ConfigError(f"the transfer set is made for MELD (EmoryNLP scenes and MELD train augmentations), "

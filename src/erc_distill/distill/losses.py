@@ -227,6 +227,49 @@ class HiddenMSE(LossTerm):
         return torch.stack(losses).mean()
 
 
+class PerTeacher(LossTerm):
+    """A feature-level term taught by K teachers at once, each through its own projection:
+
+        L = (1/K) Σ_k L_term(S, T_k)
+
+    ``batch.teacher['features']`` [B, Σ_k H_k] and ``['hidden']`` [B, n, Σ_k H_k] hold the teachers' widths
+    side by side (the ensemble's cache writes them so); ``terms[k]`` (e.g. a :class:`FeatureKD` with its own
+    student→H_k projection) sees teacher k's slice only. Teachers may differ in width (mpnet 768, RoBERTa-large
+    1024).
+    """
+
+    def __init__(self, terms: list[LossTerm], teacher_dims: list[int]) -> None:
+        super().__init__()
+        if len(terms) != len(teacher_dims) or not terms:
+            raise ValueError(f"{len(terms)} terms for {len(teacher_dims)} teacher widths")
+        self.members = nn.ModuleList(terms)
+        self.teacher_dims = [int(d) for d in teacher_dims]
+        self.name = terms[0].name
+        self.needs_teacher = True
+        self.needs_hidden = terms[0].needs_hidden
+
+    def describe(self) -> str:
+        return f"mean over {len(self.members)} teachers of {self.members[0].describe()}"
+
+    def forward(self, student: ModelOutput, batch: Batch) -> torch.Tensor:
+        from dataclasses import replace
+
+        if batch.teacher is None:
+            raise ValueError(f"loss {self.name!r} needs the teachers' features (run the cache stage)")
+        width = sum(self.teacher_dims)
+        sliced = {k: v for k, v in batch.teacher.items() if k in ("features", "hidden")}
+        for k, v in sliced.items():
+            if v.shape[-1] != width:
+                raise ValueError(f"teacher {k} are {v.shape[-1]} wide, the {len(self.members)} teachers' widths sum "
+                                 f"to {width} ({'+'.join(map(str, self.teacher_dims))})")
+        losses, start = [], 0
+        for term, dim in zip(self.members, self.teacher_dims):
+            own = {**batch.teacher, **{k: v[..., start:start + dim] for k, v in sliced.items()}}
+            losses.append(term(student, replace(batch, teacher=own)))
+            start += dim
+        return torch.stack(losses).mean()
+
+
 # ----------------------------------------------------------------------------------- contrastive
 
 

@@ -188,13 +188,18 @@ def ensemble(outputs: Sequence[TeacherOutputs], weights: Sequence[float] = (), t
 
 
 def import_as_cache(outputs: Sequence[TeacherOutputs], weights: Sequence[float], tau: float,
-                    split_ids: dict[str, Sequence[str]], folder: str | Path, key: dict[str, Any]) -> Path:
+                    split_ids: dict[str, Sequence[str]], folder: str | Path, key: dict[str, Any],
+                    member_caches: Sequence[Any] = ()) -> Path:
     """Write the ensemble's logits for ``split_ids`` (split -> example ids) as a teacher cache folder
-    (:class:`erc_distill.distill.cache.TeacherCache` reads it; logits only, no features)."""
+    (:class:`erc_distill.distill.cache.TeacherCache` reads it). ``member_caches``: each teacher's own cache (a
+    ``TeacherCache`` with features), whose ``features`` [N, H_k] (and ``hidden`` [N, n, H_k]) are written side by
+    side, [N, Σ_k H_k], with their widths in ``key.json``'s ``feature_dims``; none: logits only."""
     import shutil
 
     folder = Path(folder)
-    key_json = json.dumps({**key, "splits": sorted(split_ids)}, sort_keys=True, indent=2)
+    dims = [int(m.arrays["train"]["features"].shape[-1]) for m in member_caches]
+    key_json = json.dumps({**key, "splits": sorted(split_ids), **({"feature_dims": dims} if dims else {})},
+                          sort_keys=True, indent=2)
     if folder.is_dir():
         if (folder / "key.json").is_file() and (folder / "key.json").read_text() == key_json and \
                 all((folder / f"{s}.ids.json").is_file() for s in split_ids):
@@ -204,6 +209,10 @@ def import_as_cache(outputs: Sequence[TeacherOutputs], weights: Sequence[float],
         for split, ids in split_ids.items():
             ids, z = ensemble(outputs, weights, tau, ids)
             np.save(tmp / f"{split}.logits.npy", z)
+            for name in ("features", "hidden") if member_caches else ():
+                if all(name in m.arrays[m.row[ids[0]][0]] for m in member_caches):
+                    np.save(tmp / f"{split}.{name}.npy",
+                            np.concatenate([m.lookup(ids)[name].half().numpy() for m in member_caches], axis=-1))
             (tmp / f"{split}.ids.json").write_text(json.dumps(ids))
         (tmp / "key.json").write_text(key_json)
     return folder

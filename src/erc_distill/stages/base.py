@@ -164,6 +164,8 @@ class RunContext:
         dm = self.modality.datamodule(self, model, processor, "student", teacher)
         features = teacher.arrays["train"].get("features") if teacher else None
         teacher_dim = features.shape[1] if features is not None else None
+        if teacher is not None and teacher.key.get("feature_dims"):  # an ensemble: one width per teacher
+            teacher_dim = teacher.key["feature_dims"]
         objective = build_objective(c.loss, len(self.labels), model.hidden_size, teacher_dim,
                                     self.class_counts(dm), model.num_layers)
         return dm, objective

@@ -59,8 +59,26 @@ class CacheStage(Stage):
                 read_teacher_outputs(f)  # the ConfigError that says what is wrong with it
                 raise
         transfer = ctx.transfer_set().report.fingerprint if c.transfer else None
-        return {"kind": "teacher-outputs", "files": files, "weights": list(c.teacher_weights), "tau": c.loss.tau,
-                "data": ctx.data_fingerprint, "limit": c.limit, "transfer": transfer}
+        key = {"kind": "teacher-outputs", "files": files, "weights": list(c.teacher_weights), "tau": c.loss.tau,
+               "data": ctx.data_fingerprint, "limit": c.limit, "transfer": transfer}
+        if _featured(c):  # each member's features too (from its own cache, keyed by its weights)
+            key["features"] = {"terms": _featured(c), "hidden_layers": list(c.hidden_layers),
+                               "n": c.loss.hidden_layers if "hidden" in c.loss.weights else None}
+        return key
+
+    def _member_caches(self, ctx: RunContext) -> list:
+        """Each of the run's teachers' own cache (logits, features, hidden as the loss asks): the single-teacher
+        cache of that teacher, shared with any run of it; its model is loaded (or trained) for it."""
+        from erc_distill.distill.cache import TeacherCache
+        from erc_distill.stages.runner import run_stages
+        from erc_distill.stages.teacher import TeacherStage, members
+
+        caches = []
+        for name, sub in members(ctx):
+            ctx.log(f"teacher {name}: its features for the feature terms ({', '.join(_featured(ctx.cfg))})")
+            run_stages(sub, [TeacherStage(), CacheStage()])
+            caches.append(TeacherCache(sub.manifest.artifact("cache", "cache")))
+        return caches
 
     def _import_outputs(self, ctx: RunContext) -> StageResult:
         """The ensemble of teacher outputs (files given, or written by the run's teachers) at the student's τ, as
@@ -82,13 +100,16 @@ class CacheStage(Stage):
 
         train = ids("train") + ([t.example_id for t in ctx.transfer_set().turns] if c.transfer else [])
         key = self._outputs_key(ctx)
+        members = self._member_caches(ctx) if _featured(c) else []
         folder = import_as_cache(outputs, c.teacher_weights, c.loss.tau, {"train": train, "dev": ids("dev")},
-                                 ctx.cache_dir / "teacher-cache" / stage_key(key), key)
+                                 ctx.cache_dir / "teacher-cache" / stage_key(key), key, members)
         cache = TeacherCache(folder)
         cache.check()
         names = ", ".join(f"{o.path.stem} ({o.meta.get('teacher', '?')})" for o in outputs)
         ctx.log(f"teacher: ensemble of {len(outputs)} output file(s): {names}; KD target = weighted mean of tempered "
-                f"probabilities at tau {c.loss.tau:g}")
+                f"probabilities at tau {c.loss.tau:g}" + (f"; features of each teacher side by side "
+                                                          f"({'+'.join(map(str, cache.key['feature_dims']))} wide), one "
+                                                          "projection each" if members else ""))
         return StageResult({"cache": folder}, {"rows": len(cache), "teachers": [str(o.path) for o in outputs]})
 
     def run(self, ctx: RunContext) -> StageResult:
@@ -114,3 +135,8 @@ class CacheStage(Stage):
             cache = build_cache(model, dm, folder, key, device=ctx.infer_device, progress=ctx.progress)
             cache.check()
         return StageResult({"cache": folder}, {"rows": len(cache)})
+
+
+def _featured(cfg) -> list[str]:
+    """The loss's feature-level terms (they need each teacher model's features, not only its outputs)."""
+    return [n for n in cfg.loss.weights if n in ("feature", "hidden")]
