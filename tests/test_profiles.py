@@ -355,3 +355,21 @@ def test_profiler_refusals_are_user_errors(bundle, dialogues):
         profile_bundle(bundle, load_profile("jetson-orin-nx"), dialogues)
     with pytest.raises(DataError, match="1 turn\\(s\\) are too few"):
         profile_bundle(bundle, cpu_profile(), [make_dialogue([("A", "hi")])])
+
+
+def test_report_names_an_ensemble_teacher_and_compares_against_it(tmp_path):
+    from erc_distill.report.accuracy_speed import _rows, load_variants
+
+    def row(f1):
+        return {"test": {"weighted_f1": f1, "macro_f1": 0.3, "accuracy": 0.6}}
+
+    metrics = {"teacher": {**row(0.64), "teachers": ["spcl", "utt"]}, "teacher:spcl": {**row(0.63), "teachers": ["spcl"]},
+               "student": row(0.60)}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    names = [v.name for v in load_variants(tmp_path)]
+    assert names == ["teacher-ensemble (2)", "teacher:spcl", "student-fp32"]
+    rows = {r[0]: r for r in _rows(load_variants(tmp_path), set())}
+    assert rows["student-fp32"][4] == f"{100 * 60 / 64:.1f}"  # % of the ensemble, the KD target
+    metrics = {"teacher": {**row(0.615), "teachers": ["mpnet-utterance-4ep"]}, "student": row(0.60)}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))  # one outputs file: named by it
+    assert [v.name for v in load_variants(tmp_path)][0] == "teacher (mpnet-utterance-4ep)"

@@ -47,7 +47,11 @@ def load_variants(run_dir: Path) -> list[Variant]:
     for name, m in metrics.items():
         profile_file = run_dir / f"profile_{_PROFILE_NAME.get(name, name)}.json"
         profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
-        variants.append(Variant(_PROFILE_NAME.get(name, name), m["test"], profile, m.get("params")))
+        shown = _PROFILE_NAME.get(name, name)
+        if name == "teacher" and m.get("teachers"):  # the KD target is an ensemble (no one model to time)
+            k = len(m["teachers"])
+            shown = f"teacher-ensemble ({k})" if k > 1 else f"teacher ({m['teachers'][0]})"
+        variants.append(Variant(shown, m["test"], profile, m.get("params")))
     fused = run_dir / "profile_student-fp32-fused.json"
     if fused.is_file() and "student" in metrics:  # the fused graph: the student's function (parity-checked)
         m = metrics["student"]
@@ -63,7 +67,7 @@ def pareto_front(variants: list[Variant]) -> set[str]:
 
 
 def _rows(variants: list[Variant], front: set[str]) -> list[list[str]]:
-    teacher = next((v for v in variants if v.name == "teacher-fp32"), None)
+    teacher = next((v for v in variants if v.name == "teacher-fp32" or v.name.startswith(("teacher-ensemble", "teacher ("))), None)
     audio = any((v.profile or {}).get("mean_seconds") is not None for v in variants)
     rows = [["variant", "test wF1", "macro F1", "acc", "% of teacher", "p50 ms", "p99 ms",
              "clips/s" if audio else "turns/s",
