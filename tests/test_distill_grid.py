@@ -85,9 +85,10 @@ def test_cpu_study_pairs_each_arm_with_the_utterance_baseline_by_seed(tmp_path):
         row = {"test": {"weighted_f1": test / 100, "macro_f1": 0.3, "accuracy": 0.5}, "dev": {"weighted_f1": dev / 100}}
         return {"student": row, "teacher": row}
 
-    plan = distill_cpu.arms(["t.npz"])
+    plan = distill_cpu.arms(["t.npz"], "self.npz")
     scores = {"utterance-only": {1: (60, 55), 2: (61, 56)}, "KD": {1: (61, 57), 2: (63, 56.5)},
-              "KD + transfer": {2: (62, 58)}}  # seed 1 of this arm did not finish
+              "KD + transfer": {2: (62, 58)},  # seed 1 of this arm did not finish
+              "KD 4-layer": {1: (60.5, 56), 2: (62, 56)}, "self-distillation": {1: (60, 55.5)}}
     for arm, by_seed in scores.items():
         for seed, (test, dev) in by_seed.items():
             run = tmp_path / "runs" / f"{distill_grid.slug(arm)}-s{seed}"
@@ -101,3 +102,9 @@ def test_cpu_study_pairs_each_arm_with_the_utterance_baseline_by_seed(tmp_path):
     assert "label smoothing 0.1" not in pairs  # no runs, no pair
     assert "| KD − utterance-only | 2 | 1.50 ± 0.71 |" in text
     assert "--teacher-outputs" in plan["KD"] and "--transfer" in plan["KD + transfer"]
+    # the layer-dropped students pair with the 6-layer KD arm, the controls with the baseline
+    assert pairs["KD 4-layer"]["baseline"] == "KD" and pairs["KD 4-layer"]["test_diffs"] == pytest.approx([-0.5, -1])
+    assert pairs["self-distillation"]["baseline"] == "utterance-only" and pairs["self-distillation"]["seeds"] == ["1"]
+    assert "| KD 4-layer − KD | 2 | -0.75 ± 0.35 |" in text
+    assert plan["KD 4-layer"][-2:] == ["--student-layers", "4"] and "self.npz" in plan["self-distillation"]
+    assert "self-distillation" not in distill_cpu.arms(["t.npz"])  # no MiniLM teacher's file: no such arm
