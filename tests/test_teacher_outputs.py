@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -155,6 +156,21 @@ def test_teacher_outputs_then_a_student_distilled_from_their_ensemble_with_the_t
     assert main(["evaluate", *_argv(fixture_data, tmp_path, "--teacher-outputs", *files, "--loss", "ce=1,kd=1",
                                     "--transfer", "emorynlp", "--out", str(run))]) == 0
     assert "running" not in capsys.readouterr().out
+    # score-outputs: each file and the ensemble scored like models, the same numbers as the run's rows
+    assert main(["score-outputs", *files, "--data-dir", str(fixture_data), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["teachers"] for r in rows] == [["t0"], ["t1"], ["t0", "t1"]]
+    assert rows[0]["dev"]["weighted_f1"] == pytest.approx(t.meta["metrics"]["dev"]["weighted_f1"], abs=1e-6)
+    assert rows[2]["test"]["weighted_f1"] == pytest.approx(metrics["teacher"]["test"]["weighted_f1"], abs=1e-6)
+    assert main(["score-outputs", *files, "--data-dir", str(fixture_data), "--teacher-weights", "1", "3"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"t0 \+ t1 +1:3", out) and "best on dev:" in out and out.count("best dev") == 1
+    other = tmp_path / "other-data"  # the files were made on other MELD files: named, not scored
+    (other / "meld").mkdir(parents=True)
+    for f in (fixture_data / "meld").iterdir():
+        (other / "meld" / f.name).write_bytes(f.read_bytes() + (b"\n" if f.name.startswith("dev") else b""))
+    assert main(["score-outputs", files[0], "--data-dir", str(other)]) == 1
+    assert "t0.npz: made on other meld files" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [

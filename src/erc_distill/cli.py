@@ -12,7 +12,8 @@ Subcommands (each prints a readable summary; ``--json`` where a machine reads it
 - ``stream``      classify JSON-line turns from stdin with a bundle (the robot's own loop);
 - ``serve``       the HTTP + WebSocket inference server (the ``serve`` extra);
 - ``export-triton`` a Triton Inference Server model repository from a bundle;
-- ``fetch-data``  download or copy a corpus's public CSVs, verified by SHA-256.
+- ``fetch-data``  download or copy a corpus's public CSVs, verified by SHA-256;
+- ``score-outputs`` teacher output files and their ensembles (``--combinations``: every subset) on dev and test.
 """
 
 from __future__ import annotations
@@ -304,6 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", type=Path, required=True, help="the .npz file to write (a .json description goes beside it)")
     p.set_defaults(func=cmd_teacher_outputs)
 
+    p = sub.add_parser("score-outputs", help="score teacher output files and their ensembles on dev and test")
+    p.add_argument("files", nargs="+", type=Path, help="teacher output files (.npz from teacher-outputs)")
+    p.add_argument("--teacher-weights", type=float, nargs="+", default=[], help="the ensemble's weights (default: equal)")
+    p.add_argument("--combinations", action="store_true", help="also every subset of two or more files (equal weights)")
+    p.add_argument("--data-dir", type=Path, default=None, help=f"corpus folders (default: ${DATA_ENV})")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_score_outputs)
+
     p = sub.add_parser("data-stats", help="per-split counts, labels and input token lengths of a corpus")
     _add_data_args(p)
     _add_context_args(p)
@@ -458,6 +467,28 @@ def cmd_teacher_outputs(args: argparse.Namespace) -> int:
     dump_config(cfg, out / "config.yaml")
     run_pipeline(ctx, ["teacher"], force=args.force)
     export_teacher_outputs(ctx, args.to)
+    return 0
+
+
+def cmd_score_outputs(args: argparse.Namespace) -> int:
+    from erc_distill.distill.outputs import read_teacher_outputs, score_outputs
+
+    if args.teacher_weights and len(args.teacher_weights) != len(args.files):
+        raise ConfigError(f"{len(args.teacher_weights)} weights for {len(args.files)} files", field="--teacher-weights")
+    outputs = [read_teacher_outputs(f) for f in args.files]
+    rows = score_outputs(outputs, args.data_dir, args.teacher_weights, args.combinations)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    best = max(rows, key=lambda r: r["dev"]["weighted_f1"])
+    table = [["teachers", "weights", "dev wF1", "test wF1", "dev macro F1", "test macro F1", ""]]
+    for r in rows:
+        table.append([" + ".join(r["teachers"]), ":".join(f"{w:g}" for w in r["weights"]) if len(r["weights"]) > 1
+                      else "", *(f"{100 * r[s][m]:.2f}" for m in ("weighted_f1",) for s in ("dev", "test")),
+                      *(f"{100 * r[s]['macro_f1']:.2f}" for s in ("dev", "test")), "best dev" if r is best else ""])
+    print(f"{outputs[0].meta.get('corpus')}: each teacher and the ensemble (mean of probabilities), scored like models\n")
+    print(_table(table))
+    print(f"\nbest on dev: {' + '.join(best['teachers'])} (choose on dev; test is for the report)")
     return 0
 
 

@@ -241,3 +241,45 @@ def evaluate_outputs(outputs: Sequence[TeacherOutputs], weights: Sequence[float]
     gold = torch.tensor([labels.index(t.label) if t.label is not None else -1 for t in turns])
     keep = gold >= 0
     return compute_metrics(torch.from_numpy(probs.argmax(-1))[keep], gold[keep], labels).to_dict()
+
+
+def score_outputs(outputs: Sequence[TeacherOutputs], data_dir: Any = None, weights: Sequence[float] = (),
+                  combinations: bool = False) -> list[dict[str, Any]]:
+    """Each file, and their ensemble (``weights``, default equal), scored like models on dev and test of the corpus
+    the files were made on (τ = 1): rows ``{"teachers": [file stems], "weights": [...], "dev": metrics, "test":
+    metrics}``. ``combinations``: every subset of two or more files with equal weights (to choose an ensemble
+    on dev). A ConfigError names a file made on other data than ``data_dir`` holds."""
+    from itertools import combinations as subsets
+
+    import torch
+
+    from erc_distill.data import corpus_fingerprint
+    from erc_distill.data.corpora import load_corpus
+    from erc_distill.report.metrics import compute_metrics
+
+    if not outputs:
+        raise ValueError("no teacher outputs")
+    corpus, labels = outputs[0].meta.get("corpus"), outputs[0].labels
+    check_compatible(outputs, corpus, labels, corpus_fingerprint(corpus, data_dir),
+                     limit=max((o.meta.get("limit") or 0 for o in outputs), default=0) or None)
+    gold: dict[str, tuple[list[str], torch.Tensor]] = {}
+    for split in ("dev", "test"):
+        turns = [t for d in load_corpus(corpus, split, data_dir).dialogues for t in d.turns if t.label is not None]
+        have = set(outputs[0].ids).intersection(*(o.ids for o in outputs[1:]))
+        turns = [t for t in turns if t.example_id in have]  # a --limit file: the dialogues it labelled
+        gold[split] = ([t.example_id for t in turns], torch.tensor([labels.index(t.label) for t in turns]))
+    groups = [((i,), (1.0,)) for i in range(len(outputs))]
+    if len(outputs) > 1:
+        groups.append((tuple(range(len(outputs))), tuple(weights) or (1.0,) * len(outputs)))
+    if combinations:
+        groups += [(c, (1.0,) * len(c)) for n in range(2, len(outputs)) for c in subsets(range(len(outputs)), n)]
+        if weights:  # the equal-weight ensemble of all of them too
+            groups.append((tuple(range(len(outputs))), (1.0,) * len(outputs)))
+    rows = []
+    for members, w in groups:
+        row: dict[str, Any] = {"teachers": [outputs[i].path.stem for i in members], "weights": list(w)}
+        for split, (ids, y) in gold.items():
+            _, z = ensemble([outputs[i] for i in members], w, 1.0, ids)
+            row[split] = compute_metrics(torch.from_numpy(z.argmax(-1)), y, labels).to_dict()
+        rows.append(row)
+    return rows
