@@ -85,7 +85,7 @@ def main() -> None:
 
 def summarize(out: Path, plan: dict[str, list[str]], args) -> str:
     runs: dict[str, dict[str, dict]] = {}
-    for arm in plan:
+    for arm in [*plan, *(ARMS[a] for a in plan if ARMS[a] and ARMS[a] not in plan)]:  # + references run before
         runs[arm] = {}
         for seed in args.seeds:
             f = out / "runs" / f"{slug(arm)}-s{seed}" / "metrics.json"

@@ -108,3 +108,7 @@ def test_cpu_study_pairs_each_arm_with_the_utterance_baseline_by_seed(tmp_path):
     assert "| KD 4-layer − KD | 2 | -0.75 ± 0.35 |" in text
     assert plan["KD 4-layer"][-2:] == ["--student-layers", "4"] and "self.npz" in plan["self-distillation"]
     assert "self-distillation" not in distill_cpu.arms(["t.npz"])  # no MiniLM teacher's file: no such arm
+    # only the 4-layer arm asked for: still paired with the KD runs already there
+    distill_cpu.summarize(tmp_path, {"KD 4-layer": plan["KD 4-layer"]}, Namespace(seeds=[1, 2], teacher_outputs=[]))
+    result = json.loads((tmp_path / "cpu_grid.json").read_text())
+    assert result["paired"][0]["baseline"] == "KD" and result["paired"][0]["seeds"] == ["1", "2"]

@@ -4,6 +4,7 @@ the KD target, each content-addressed and shared between runs; on tiny models.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,3 +287,29 @@ def test_feature_terms_get_one_projection_per_teacher(fixture_data, tmp_path, ca
     assert torch.allclose(feat(student, batch), want)
     with pytest.raises(ValueError, match="80"):
         feat(student, Batch(**{**batch.__dict__, "teacher": {"features": t[:, :60]}}))
+    weighted = PerTeacher(list(feat.members), [32, 48], [3, 1])  # --teacher-weights 3 1
+    want = 0.75 * feat.members[0](student, parts[0]) + 0.25 * feat.members[1](student, parts[1])
+    assert torch.allclose(weighted(student, batch), want) and "weighted mean (0.75:0.25)" in weighted.describe()
+    capsys.readouterr()
+    # another run of the same ensemble: its cache is complete, so no member model is loaded (even deleted ones)
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache" / "teachers")
+    assert main(["distill", *_argv(fixture_data, tmp_path, "--teachers", "tiny", f"teacher={wide};name=wide", *loss,
+                                   "--seed", "1", "--out", str(tmp_path / "again"))]) == 0
+    out = capsys.readouterr().out
+    assert "its features for the feature terms" not in out and "[teacher] running" not in out.split("[cache]")[1]
+    # outputs written by other weights than the member's model now has: refused by name, not silently mixed
+    outputs_file = json.loads((run / "manifest.json").read_text())["stages"]["teacher"]["artifacts"]["outputs:wide"]
+    meta = json.loads(Path(outputs_file).with_suffix(".json").read_text())
+    assert meta["teacher_weights"] == wide_cache_weights(wide_alone)
+    meta["teacher_weights"] = "0123456789abcdef"
+    Path(outputs_file).with_suffix(".json").write_text(json.dumps(meta))
+    assert main(["distill", *_argv(fixture_data, tmp_path, "--teachers", "tiny", f"teacher={wide};name=wide", *loss,
+                                   "--tau", "3", "--out", str(tmp_path / "mixed"))]) == 1
+    err = capsys.readouterr().err
+    assert "teacher wide: " in err and "was written by other weights (0123456789abcdef)" in err
+
+
+def wide_cache_weights(cache_folder):
+    return json.loads((Path(cache_folder) / "key.json").read_text())["teacher_weights"]

@@ -4,6 +4,8 @@ Layout of a cache folder::
 
     key.json                       what the outputs depend on (teacher weights hash, corpus, split,
                                    context config, tokenizer, hidden layers); another key = recompute
+                                   (an ensemble's: its files, weights, τ, and ``feature_dims`` /
+                                   ``feature_weights`` when members' features sit side by side)
     <split>.ids.json               example ids, row order of the arrays
     <split>.logits.npy             [N, C] float32
     <split>.features.npy           [N, H] float16 (mask-position last hidden state)
@@ -168,6 +170,22 @@ class TeacherCache:
 
     def __contains__(self, example_id: str) -> bool:
         return example_id in self.row
+
+    def gather(self, example_ids: Sequence[str], name: str) -> np.ndarray:
+        """One array's rows for these examples, in this order (``features``: [N, H]), read straight from the
+        memory-mapped files (KeyError naming a missing id)."""
+        try:
+            where = [self.row[e] for e in example_ids]
+        except KeyError as err:
+            raise KeyError(f"example {err.args[0]!r} is not in the teacher cache {self.folder}") from None
+        splits = np.array([s for s, _ in where])
+        rows = np.array([i for _, i in where], dtype=np.int64)
+        first = self.arrays[where[0][0]][name]
+        out = np.empty((len(where), *first.shape[1:]), dtype=first.dtype)
+        for split in np.unique(splits):
+            mask = splits == split
+            out[mask] = self.arrays[str(split)][name][np.sort(rows[mask])][np.argsort(np.argsort(rows[mask]))]
+        return out
 
     def lookup(self, example_ids: Sequence[str]) -> dict[str, torch.Tensor]:
         """Teacher tensors for these examples, in this order (KeyError naming a missing id)."""

@@ -228,28 +228,34 @@ class HiddenMSE(LossTerm):
 
 
 class PerTeacher(LossTerm):
-    """A feature-level term taught by K teachers at once, each through its own projection:
+    """A feature-level term taught by K teachers at once, each through its own projection W_k:
 
-        L = (1/K) Σ_k L_term(S, T_k)
+        L = Σ_k w_k L_term(W_k S, T_k),   Σ_k w_k = 1 (the ensemble's ``--teacher-weights``; default 1/K)
 
     ``batch.teacher['features']`` [B, Σ_k H_k] and ``['hidden']`` [B, n, Σ_k H_k] hold the teachers' widths
     side by side (the ensemble's cache writes them so); ``terms[k]`` (e.g. a :class:`FeatureKD` with its own
-    student→H_k projection) sees teacher k's slice only. Teachers may differ in width (mpnet 768, RoBERTa-large
-    1024).
+    student→H_k projection) sees teacher k's slice only; a teacher of weight 0 is skipped. Teachers may differ
+    in width (mpnet 768, RoBERTa-large 1024).
     """
 
-    def __init__(self, terms: list[LossTerm], teacher_dims: list[int]) -> None:
+    def __init__(self, terms: list[LossTerm], teacher_dims: list[int], weights: list[float] | None = None) -> None:
         super().__init__()
-        if len(terms) != len(teacher_dims) or not terms:
-            raise ValueError(f"{len(terms)} terms for {len(teacher_dims)} teacher widths")
+        if len(terms) != len(teacher_dims) or not terms or (weights is not None and len(weights) != len(terms)):
+            raise ValueError(f"{len(terms)} terms for {len(teacher_dims)} teacher widths and "
+                             f"{len(weights) if weights is not None else len(terms)} weights")
         self.members = nn.ModuleList(terms)
         self.teacher_dims = [int(d) for d in teacher_dims]
+        w = [1.0] * len(terms) if weights is None else [float(x) for x in weights]
+        if min(w) < 0 or sum(w) <= 0:
+            raise ValueError(f"teacher weights {w}: >= 0, not all 0")
+        self.weights = [x / sum(w) for x in w]
         self.name = terms[0].name
         self.needs_teacher = True
         self.needs_hidden = terms[0].needs_hidden
 
     def describe(self) -> str:
-        return f"mean over {len(self.members)} teachers of {self.members[0].describe()}"
+        how = "mean" if len(set(self.weights)) == 1 else "weighted mean (" + ":".join(f"{w:.2g}" for w in self.weights) + ")"
+        return f"{how} over {len(self.members)} teachers of {self.members[0].describe()}"
 
     def forward(self, student: ModelOutput, batch: Batch) -> torch.Tensor:
         from dataclasses import replace
@@ -262,12 +268,13 @@ class PerTeacher(LossTerm):
             if v.shape[-1] != width:
                 raise ValueError(f"teacher {k} are {v.shape[-1]} wide, the {len(self.members)} teachers' widths sum "
                                  f"to {width} ({'+'.join(map(str, self.teacher_dims))})")
-        losses, start = [], 0
-        for term, dim in zip(self.members, self.teacher_dims):
-            own = {**batch.teacher, **{k: v[..., start:start + dim] for k, v in sliced.items()}}
-            losses.append(term(student, replace(batch, teacher=own)))
+        total, start = 0.0, 0
+        for term, dim, w in zip(self.members, self.teacher_dims, self.weights):
+            if w > 0:
+                own = {**batch.teacher, **{k: v[..., start:start + dim] for k, v in sliced.items()}}
+                total = total + w * term(student, replace(batch, teacher=own))
             start += dim
-        return torch.stack(losses).mean()
+        return total
 
 
 # ----------------------------------------------------------------------------------- contrastive

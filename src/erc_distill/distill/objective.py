@@ -74,18 +74,20 @@ def build_objective(
     teacher_dim: int | Sequence[int] | None = None,
     class_counts: torch.Tensor | None = None,
     student_layers: int | None = None,
+    teacher_weights: Sequence[float] | None = None,
 ) -> Objective:
     """Instantiate the terms of ``cfg`` for these widths (projections are created where they differ).
     ``teacher_dim``: the teacher's feature width, or one width per teacher (an ensemble: each feature-level term
-    becomes a :class:`PerTeacher` mean with one projection per teacher); None when there are no teacher features
-    (teacher output files give logits only), which the feature terms need."""
+    becomes a :class:`PerTeacher` mean with one projection per teacher, weighted by ``teacher_weights``); None when
+    there are no teacher features (teacher output files give logits only), which the feature terms need."""
     featured = [n for n in cfg.weights if n in ("feature", "hidden")]
     if featured and teacher_dim is None:
         raise ValueError(f"{', '.join(featured)} need the teacher's features")
     dims = [teacher_dim] if teacher_dim is None or isinstance(teacher_dim, int) else [int(d) for d in teacher_dim]
     if len(dims) > 1:  # one projection per teacher, the term averaged over them
         terms_k = [build_objective(cfg, num_classes, student_dim, d, class_counts, student_layers) for d in dims]
-        per_teacher = {n: (PerTeacher([o.terms[n] for o in terms_k], dims), terms_k[0].weights[n]) for n in featured}
+        per_teacher = {n: (PerTeacher([o.terms[n] for o in terms_k], dims, teacher_weights), terms_k[0].weights[n])
+                       for n in featured}
         return Objective({n: per_teacher.get(n, (terms_k[0].terms[n], w)) for n, w in terms_k[0].weights.items()})
     teacher_dim = dims[0]
     terms: dict[str, tuple[LossTerm, float]] = {}

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,32 +189,43 @@ def ensemble(outputs: Sequence[TeacherOutputs], weights: Sequence[float] = (), t
 
 def import_as_cache(outputs: Sequence[TeacherOutputs], weights: Sequence[float], tau: float,
                     split_ids: dict[str, Sequence[str]], folder: str | Path, key: dict[str, Any],
-                    member_caches: Sequence[Any] = ()) -> Path:
+                    member_caches: Callable[[], Sequence[Any]] | None = None) -> Path:
     """Write the ensemble's logits for ``split_ids`` (split -> example ids) as a teacher cache folder
-    (:class:`erc_distill.distill.cache.TeacherCache` reads it). ``member_caches``: each teacher's own cache (a
-    ``TeacherCache`` with features), whose ``features`` [N, H_k] (and ``hidden`` [N, n, H_k]) are written side by
-    side, [N, Σ_k H_k], with their widths in ``key.json``'s ``feature_dims``; none: logits only."""
+    (:class:`erc_distill.distill.cache.TeacherCache` reads it), or reuse the folder made for the same ``key``.
+
+    ``member_caches``: called only when the folder is (re)made; gives each teacher's own cache (a ``TeacherCache``
+    with features), whose ``features`` [N, H_k] and ``hidden`` [N, n, H_k] are written side by side, [N, Σ_k H_k]
+    and [N, n, Σ_k H_k], with their widths in ``key.json``'s ``feature_dims`` and the normalised ensemble weights
+    in ``feature_weights``; None: logits only."""
     import shutil
 
     folder = Path(folder)
-    dims = [int(m.arrays["train"]["features"].shape[-1]) for m in member_caches]
-    key_json = json.dumps({**key, "splits": sorted(split_ids), **({"feature_dims": dims} if dims else {})},
-                          sort_keys=True, indent=2)
+    core = {**key, "splits": sorted(split_ids)}
     if folder.is_dir():
-        if (folder / "key.json").is_file() and (folder / "key.json").read_text() == key_json and \
-                all((folder / f"{s}.ids.json").is_file() for s in split_ids):
+        try:
+            stored = json.loads((folder / "key.json").read_text())
+        except (OSError, ValueError):
+            stored = None
+        if isinstance(stored, dict):
+            stored.pop("feature_dims", None), stored.pop("feature_weights", None)
+        if stored == json.loads(json.dumps(core)) and all((folder / f"{s}.ids.json").is_file() for s in split_ids):
             return folder
         shutil.rmtree(folder)
+    members = list(member_caches()) if member_caches is not None else []
+    if members:
+        w = np.asarray(weights if len(weights) else [1.0] * len(members), dtype=np.float64)
+        core.update(feature_dims=[int(m.arrays["train"]["features"].shape[-1]) for m in members],
+                    feature_weights=[float(x) for x in w / w.sum()])
     with atomic_dir(folder) as tmp:
         for split, ids in split_ids.items():
             ids, z = ensemble(outputs, weights, tau, ids)
             np.save(tmp / f"{split}.logits.npy", z)
-            for name in ("features", "hidden") if member_caches else ():
-                if all(name in m.arrays[m.row[ids[0]][0]] for m in member_caches):
+            for name in ("features", "hidden"):
+                if members and all(name in m.arrays["train"] for m in members):
                     np.save(tmp / f"{split}.{name}.npy",
-                            np.concatenate([m.lookup(ids)[name].half().numpy() for m in member_caches], axis=-1))
+                            np.concatenate([m.gather(ids, name).astype(np.float16) for m in members], axis=-1))
             (tmp / f"{split}.ids.json").write_text(json.dumps(ids))
-        (tmp / "key.json").write_text(key_json)
+        (tmp / "key.json").write_text(json.dumps(core, sort_keys=True, indent=2))
     return folder
 
 
@@ -248,7 +259,8 @@ def score_outputs(outputs: Sequence[TeacherOutputs], data_dir: Any = None, weigh
     """Each file, and their ensemble (``weights``, default equal), scored like models on dev and test of the corpus
     the files were made on (τ = 1): rows ``{"teachers": [file stems], "weights": [...], "dev": metrics, "test":
     metrics}``. ``combinations``: every subset of two or more files with equal weights (to choose an ensemble
-    on dev). A ConfigError names a file made on other data than ``data_dir`` holds."""
+    on dev). Files made on a slice (``--limit``) are scored on the turns every file has (``turns`` in each row).
+    A ConfigError names a file made on other data than ``data_dir`` holds."""
     from itertools import combinations as subsets
 
     import torch
@@ -260,8 +272,8 @@ def score_outputs(outputs: Sequence[TeacherOutputs], data_dir: Any = None, weigh
     if not outputs:
         raise ValueError("no teacher outputs")
     corpus, labels = outputs[0].meta.get("corpus"), outputs[0].labels
-    check_compatible(outputs, corpus, labels, corpus_fingerprint(corpus, data_dir),
-                     limit=max((o.meta.get("limit") or 0 for o in outputs), default=0) or None)
+    limits = [o.meta["limit"] for o in outputs if o.meta.get("limit") is not None]
+    check_compatible(outputs, corpus, labels, corpus_fingerprint(corpus, data_dir), limit=min(limits, default=None))
     gold: dict[str, tuple[list[str], torch.Tensor]] = {}
     for split in ("dev", "test"):
         turns = [t for d in load_corpus(corpus, split, data_dir).dialogues for t in d.turns if t.label is not None]
@@ -277,7 +289,8 @@ def score_outputs(outputs: Sequence[TeacherOutputs], data_dir: Any = None, weigh
             groups.append((tuple(range(len(outputs))), (1.0,) * len(outputs)))
     rows = []
     for members, w in groups:
-        row: dict[str, Any] = {"teachers": [outputs[i].path.stem for i in members], "weights": list(w)}
+        row: dict[str, Any] = {"teachers": [outputs[i].path.stem for i in members], "weights": list(w),
+                               "turns": {split: len(ids) for split, (ids, _) in gold.items()}}
         for split, (ids, y) in gold.items():
             _, z = ensemble([outputs[i] for i in members], w, 1.0, ids)
             row[split] = compute_metrics(torch.from_numpy(z.argmax(-1)), y, labels).to_dict()

@@ -51,6 +51,7 @@ def load_variants(run_dir: Path) -> list[Variant]:
         if name == "teacher" and m.get("teachers"):  # the KD target is an ensemble (no one model to time)
             k = len(m["teachers"])
             shown = f"teacher-ensemble ({k})" if k > 1 else f"teacher ({m['teachers'][0]})"
+            profile = None  # a profile_teacher-fp32.json here is an earlier single teacher's
         variants.append(Variant(shown, m["test"], profile, m.get("params")))
     fused = run_dir / "profile_student-fp32-fused.json"
     if fused.is_file() and "student" in metrics:  # the fused graph: the student's function (parity-checked)

@@ -167,7 +167,8 @@ class RunContext:
         if teacher is not None and teacher.key.get("feature_dims"):  # an ensemble: one width per teacher
             teacher_dim = teacher.key["feature_dims"]
         objective = build_objective(c.loss, len(self.labels), model.hidden_size, teacher_dim,
-                                    self.class_counts(dm), model.num_layers)
+                                    self.class_counts(dm), model.num_layers,
+                                    teacher.key.get("feature_weights") if teacher is not None else None)
         return dm, objective
 
     def scores(self, pred: Any, gold: Any) -> dict[str, Any]:

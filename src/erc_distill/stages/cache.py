@@ -66,18 +66,29 @@ class CacheStage(Stage):
                                "n": c.loss.hidden_layers if "hidden" in c.loss.weights else None}
         return key
 
-    def _member_caches(self, ctx: RunContext) -> list:
+    def _member_caches(self, ctx: RunContext, outputs: list) -> list:
         """Each of the run's teachers' own cache (logits, features, hidden as the loss asks): the single-teacher
-        cache of that teacher, shared with any run of it; its model is loaded (or trained) for it."""
+        cache of that teacher, shared with any run of it; its model is loaded (or trained) for it. A member whose
+        outputs file was written by other weights than its model now has (retrained since) is refused: the
+        ensemble's logits and its features would come from two different teachers."""
         from erc_distill.distill.cache import TeacherCache
         from erc_distill.stages.runner import run_stages
         from erc_distill.stages.teacher import TeacherStage, members
 
         caches = []
-        for name, sub in members(ctx):
+        for (name, sub), out in zip(members(ctx), outputs):
             ctx.log(f"teacher {name}: its features for the feature terms ({', '.join(_featured(ctx.cfg))})")
-            run_stages(sub, [TeacherStage(), CacheStage()])
-            caches.append(TeacherCache(sub.manifest.artifact("cache", "cache")))
+            try:
+                run_stages(sub, [TeacherStage(), CacheStage()])
+            except ConfigError as err:  # e.g. --hidden-layers past this member's depth: say which member
+                raise ConfigError(err.message, field=err.field, source=f"teacher {name}") from None
+            cache = TeacherCache(sub.manifest.artifact("cache", "cache"))
+            made_by = out.meta.get("teacher_weights")
+            if made_by and made_by != cache.key["teacher_weights"]:
+                raise ConfigError(f"{out.path} was written by other weights ({made_by}) than the model it has now "
+                                  f"({cache.key['teacher_weights']}; retrained since?): delete that file to label "
+                                  "again", source=f"teacher {name}")
+            caches.append(cache)
         return caches
 
     def _import_outputs(self, ctx: RunContext) -> StageResult:
@@ -100,7 +111,7 @@ class CacheStage(Stage):
 
         train = ids("train") + ([t.example_id for t in ctx.transfer_set().turns] if c.transfer else [])
         key = self._outputs_key(ctx)
-        members = self._member_caches(ctx) if _featured(c) else []
+        members = (lambda: self._member_caches(ctx, outputs)) if _featured(c) else None  # only when (re)made
         folder = import_as_cache(outputs, c.teacher_weights, c.loss.tau, {"train": train, "dev": ids("dev")},
                                  ctx.cache_dir / "teacher-cache" / stage_key(key), key, members)
         cache = TeacherCache(folder)
@@ -109,7 +120,7 @@ class CacheStage(Stage):
         ctx.log(f"teacher: ensemble of {len(outputs)} output file(s): {names}; KD target = weighted mean of tempered "
                 f"probabilities at tau {c.loss.tau:g}" + (f"; features of each teacher side by side "
                                                           f"({'+'.join(map(str, cache.key['feature_dims']))} wide), one "
-                                                          "projection each" if members else ""))
+                                                          "projection each" if "feature_dims" in cache.key else ""))
         return StageResult({"cache": folder}, {"rows": len(cache), "teachers": [str(o.path) for o in outputs]})
 
     def run(self, ctx: RunContext) -> StageResult:

@@ -18,6 +18,7 @@ def export_teacher_outputs(ctx: RunContext, path: str | Path) -> Path:
     import torch
 
     from erc_distill.data import corpus_fingerprint
+    from erc_distill.distill.cache import weights_hash
     from erc_distill.distill.module import predict
     from erc_distill.distill.outputs import write_teacher_outputs
     from erc_distill.report.metrics import compute_metrics
@@ -45,6 +46,7 @@ def export_teacher_outputs(ctx: RunContext, path: str | Path) -> Path:
     record = ctx.manifest.record("teacher")
     meta = {
         "teacher": str(c.teacher), "teacher_key": record.get("key"), "params": params(model),
+        "teacher_weights": weights_hash(model_dir),  # the cache key's: a member's features must come from these
         "teacher_context": asdict(c.teacher_context), "teacher_train": asdict(c.teacher_train),
         "teacher_loss": c.teacher_loss.key(), "corpus": c.data, "labels": list(ctx.labels),
         "data_fingerprint": ctx.data_fingerprint, "limit": c.limit, "metrics": scores,
