@@ -165,6 +165,13 @@ def test_teacher_outputs_then_a_student_distilled_from_their_ensemble_with_the_t
     assert main(["score-outputs", *files, "--data-dir", str(fixture_data), "--teacher-weights", "1", "3"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"t0 \+ t1 +1:3", out) and "best on dev:" in out and out.count("best dev") == 1
+    for bad, message in ((["--teacher-weights", "1"], "1 weights for 2 files"),  # careless input: one line each
+                         (["--teacher-weights", "1", "-1"], "weights >= 0"),
+                         (["--teacher-weights", "0", "0"], "weights >= 0, not all 0"),
+                         ([str(tmp_path / "none.npz")], "no such file")):
+        assert main(["score-outputs", *files, *bad, "--data-dir", str(fixture_data)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
     other = tmp_path / "other-data"  # the files were made on other MELD files: named, not scored
     (other / "meld").mkdir(parents=True)
     for f in (fixture_data / "meld").iterdir():

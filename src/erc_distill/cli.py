@@ -484,8 +484,8 @@ def cmd_score_outputs(args: argparse.Namespace) -> int:
     table = [["teachers", "weights", "dev wF1", "test wF1", "dev macro F1", "test macro F1", ""]]
     for r in rows:
         table.append([" + ".join(r["teachers"]), ":".join(f"{w:g}" for w in r["weights"]) if len(r["weights"]) > 1
-                      else "", *(f"{100 * r[s][m]:.2f}" for m in ("weighted_f1",) for s in ("dev", "test")),
-                      *(f"{100 * r[s]['macro_f1']:.2f}" for s in ("dev", "test")), "best dev" if r is best else ""])
+                      else "", *(f"{100 * r[s][m]:.2f}" for m in ("weighted_f1", "macro_f1") for s in ("dev", "test")),
+                      "best dev" if r is best else ""])
     print(f"{outputs[0].meta.get('corpus')}: each teacher and ensembles (weighted mean of probabilities), scored like "
           f"models on {rows[0]['turns']['dev']} dev / {rows[0]['turns']['test']} test turns\n")
     print(_table(table))

@@ -171,6 +171,12 @@ class LossConfig:
 
         return any(LOSSES[name].needs_teacher for name in self.weights)
 
+    @property
+    def feature_terms(self) -> list[str]:
+        """The feature-level terms (``feature``, ``hidden``): they need a teacher model's features, not only its
+        logits."""
+        return [n for n in self.weights if n in ("feature", "hidden")]
+
     def key(self) -> dict[str, object]:
         """The weights and only the hyper-parameters of the terms in use (for stage keys: tuning a
         term that is not used, or adding a new one, leaves a cached teacher valid)."""
@@ -730,7 +736,7 @@ def _check_teacher_outputs(cfg: RunConfig) -> None:
         if not cfg.loss.needs_teacher:
             raise ConfigError(f"the loss ({', '.join(cfg.loss.weights)}) has no term that reads a teacher, so the "
                               f"{what} would be ignored: add one (e.g. --loss ce=1,kd=1) or drop {flag}", field=flag)
-        model_terms = [n for n in cfg.loss.weights if n in ("feature", "hidden")]
+        model_terms = cfg.loss.feature_terms
         if model_terms and not cfg.teachers:
             raise ConfigError(f"the terms {', '.join(model_terms)} need the teacher models' features; output files "
                               "carry logits only: train the teachers in the run (--teachers) or use e.g. "

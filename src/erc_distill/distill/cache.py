@@ -171,29 +171,28 @@ class TeacherCache:
     def __contains__(self, example_id: str) -> bool:
         return example_id in self.row
 
-    def gather(self, example_ids: Sequence[str], name: str) -> np.ndarray:
-        """One array's rows for these examples, in this order (``features``: [N, H]), read straight from the
-        memory-mapped files (KeyError naming a missing id)."""
+    def _where(self, example_ids: Sequence[str]) -> list[tuple[str, int]]:
         try:
-            where = [self.row[e] for e in example_ids]
+            return [self.row[e] for e in example_ids]
         except KeyError as err:
             raise KeyError(f"example {err.args[0]!r} is not in the teacher cache {self.folder}") from None
+
+    def _take(self, where: list[tuple[str, int]], name: str) -> np.ndarray:
         splits = np.array([s for s, _ in where])
         rows = np.array([i for _, i in where], dtype=np.int64)
         first = self.arrays[where[0][0]][name]
         out = np.empty((len(where), *first.shape[1:]), dtype=first.dtype)
         for split in np.unique(splits):
             mask = splits == split
-            out[mask] = self.arrays[str(split)][name][np.sort(rows[mask])][np.argsort(np.argsort(rows[mask]))]
+            out[mask] = self.arrays[str(split)][name][rows[mask]]
         return out
 
+    def gather(self, example_ids: Sequence[str], name: str) -> np.ndarray:
+        """One array's rows for these examples, in this order (``features``: [N, H]), read straight from the
+        memory-mapped files in their dtype (KeyError naming a missing id)."""
+        return self._take(self._where(example_ids), name)
+
     def lookup(self, example_ids: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Teacher tensors for these examples, in this order (KeyError naming a missing id)."""
-        try:
-            where = [self.row[e] for e in example_ids]
-        except KeyError as err:
-            raise KeyError(f"example {err.args[0]!r} is not in the teacher cache {self.folder}") from None
-        out = {}
-        for name in self.arrays[where[0][0]]:
-            out[name] = torch.from_numpy(np.stack([self.arrays[s][name][i] for s, i in where]).astype(np.float32))
-        return out
+        """Teacher tensors for these examples, in this order, float32 (KeyError naming a missing id)."""
+        where = self._where(example_ids)
+        return {name: torch.from_numpy(self._take(where, name).astype(np.float32)) for name in self.arrays[where[0][0]]}

@@ -80,7 +80,7 @@ def build_objective(
     ``teacher_dim``: the teacher's feature width, or one width per teacher (an ensemble: each feature-level term
     becomes a :class:`PerTeacher` mean with one projection per teacher, weighted by ``teacher_weights``); None when
     there are no teacher features (teacher output files give logits only), which the feature terms need."""
-    featured = [n for n in cfg.weights if n in ("feature", "hidden")]
+    featured = cfg.feature_terms
     if featured and teacher_dim is None:
         raise ValueError(f"{', '.join(featured)} need the teacher's features")
     dims = [teacher_dim] if teacher_dim is None or isinstance(teacher_dim, int) else [int(d) for d in teacher_dim]

@@ -206,8 +206,9 @@ def import_as_cache(outputs: Sequence[TeacherOutputs], weights: Sequence[float],
             stored = json.loads((folder / "key.json").read_text())
         except (OSError, ValueError):
             stored = None
-        if isinstance(stored, dict):
-            stored.pop("feature_dims", None), stored.pop("feature_weights", None)
+        if isinstance(stored, dict):  # what the member caches add is not part of what the folder is made for
+            for derived in ("feature_dims", "feature_weights"):
+                stored.pop(derived, None)
         if stored == json.loads(json.dumps(core)) and all((folder / f"{s}.ids.json").is_file() for s in split_ids):
             return folder
         shutil.rmtree(folder)
@@ -275,9 +276,9 @@ def score_outputs(outputs: Sequence[TeacherOutputs], data_dir: Any = None, weigh
     limits = [o.meta["limit"] for o in outputs if o.meta.get("limit") is not None]
     check_compatible(outputs, corpus, labels, corpus_fingerprint(corpus, data_dir), limit=min(limits, default=None))
     gold: dict[str, tuple[list[str], torch.Tensor]] = {}
+    have = set(outputs[0].ids).intersection(*(o.ids for o in outputs[1:]))
     for split in ("dev", "test"):
         turns = [t for d in load_corpus(corpus, split, data_dir).dialogues for t in d.turns if t.label is not None]
-        have = set(outputs[0].ids).intersection(*(o.ids for o in outputs[1:]))
         turns = [t for t in turns if t.example_id in have]  # a --limit file: the dialogues it labelled
         gold[split] = ([t.example_id for t in turns], torch.tensor([labels.index(t.label) for t in turns]))
     groups = [((i,), (1.0,)) for i in range(len(outputs))]

@@ -31,6 +31,8 @@ class Variant:
     test: dict[str, Any]
     profile: dict[str, Any] | None
     params: int | None
+    teacher: bool = False
+    """The run's teacher (one model or the ensemble KD target): "% of teacher" and speed-ups are against it."""
 
     @property
     def weighted_f1(self) -> float:
@@ -52,7 +54,7 @@ def load_variants(run_dir: Path) -> list[Variant]:
             k = len(m["teachers"])
             shown = f"teacher-ensemble ({k})" if k > 1 else f"teacher ({m['teachers'][0]})"
             profile = None  # a profile_teacher-fp32.json here is an earlier single teacher's
-        variants.append(Variant(shown, m["test"], profile, m.get("params")))
+        variants.append(Variant(shown, m["test"], profile, m.get("params"), teacher=name == "teacher"))
     fused = run_dir / "profile_student-fp32-fused.json"
     if fused.is_file() and "student" in metrics:  # the fused graph: the student's function (parity-checked)
         m = metrics["student"]
@@ -68,7 +70,7 @@ def pareto_front(variants: list[Variant]) -> set[str]:
 
 
 def _rows(variants: list[Variant], front: set[str]) -> list[list[str]]:
-    teacher = next((v for v in variants if v.name == "teacher-fp32" or v.name.startswith(("teacher-ensemble", "teacher ("))), None)
+    teacher = next((v for v in variants if v.teacher), None)
     audio = any((v.profile or {}).get("mean_seconds") is not None for v in variants)
     rows = [["variant", "test wF1", "macro F1", "acc", "% of teacher", "p50 ms", "p99 ms",
              "clips/s" if audio else "turns/s",

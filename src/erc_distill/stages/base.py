@@ -163,12 +163,10 @@ class RunContext:
         teacher = TeacherCache(self.manifest.artifact("cache", "cache")) if c.uses_teacher else None
         dm = self.modality.datamodule(self, model, processor, "student", teacher)
         features = teacher.arrays["train"].get("features") if teacher else None
-        teacher_dim = features.shape[1] if features is not None else None
-        if teacher is not None and teacher.key.get("feature_dims"):  # an ensemble: one width per teacher
-            teacher_dim = teacher.key["feature_dims"]
+        key = teacher.key if teacher else {}  # an ensemble's: one width (and weight) per teacher
+        teacher_dim = key.get("feature_dims") or (features.shape[1] if features is not None else None)
         objective = build_objective(c.loss, len(self.labels), model.hidden_size, teacher_dim,
-                                    self.class_counts(dm), model.num_layers,
-                                    teacher.key.get("feature_weights") if teacher is not None else None)
+                                    self.class_counts(dm), model.num_layers, key.get("feature_weights"))
         return dm, objective
 
     def scores(self, pred: Any, gold: Any) -> dict[str, Any]:

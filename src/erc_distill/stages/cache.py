@@ -61,8 +61,8 @@ class CacheStage(Stage):
         transfer = ctx.transfer_set().report.fingerprint if c.transfer else None
         key = {"kind": "teacher-outputs", "files": files, "weights": list(c.teacher_weights), "tau": c.loss.tau,
                "data": ctx.data_fingerprint, "limit": c.limit, "transfer": transfer}
-        if _featured(c):  # each member's features too (from its own cache, keyed by its weights)
-            key["features"] = {"terms": _featured(c), "hidden_layers": list(c.hidden_layers),
+        if c.loss.feature_terms:  # each member's features too (from its own cache, keyed by its weights)
+            key["features"] = {"terms": c.loss.feature_terms, "hidden_layers": list(c.hidden_layers),
                                "n": c.loss.hidden_layers if "hidden" in c.loss.weights else None}
         return key
 
@@ -77,7 +77,7 @@ class CacheStage(Stage):
 
         caches = []
         for (name, sub), out in zip(members(ctx), outputs):
-            ctx.log(f"teacher {name}: its features for the feature terms ({', '.join(_featured(ctx.cfg))})")
+            ctx.log(f"teacher {name}: its features for the feature terms ({', '.join(ctx.cfg.loss.feature_terms)})")
             try:
                 run_stages(sub, [TeacherStage(), CacheStage()])
             except ConfigError as err:  # e.g. --hidden-layers past this member's depth: say which member
@@ -111,7 +111,7 @@ class CacheStage(Stage):
 
         train = ids("train") + ([t.example_id for t in ctx.transfer_set().turns] if c.transfer else [])
         key = self._outputs_key(ctx)
-        members = (lambda: self._member_caches(ctx, outputs)) if _featured(c) else None  # only when (re)made
+        members = (lambda: self._member_caches(ctx, outputs)) if c.loss.feature_terms else None  # only when (re)made
         folder = import_as_cache(outputs, c.teacher_weights, c.loss.tau, {"train": train, "dev": ids("dev")},
                                  ctx.cache_dir / "teacher-cache" / stage_key(key), key, members)
         cache = TeacherCache(folder)
@@ -147,7 +147,3 @@ class CacheStage(Stage):
             cache.check()
         return StageResult({"cache": folder}, {"rows": len(cache)})
 
-
-def _featured(cfg) -> list[str]:
-    """The loss's feature-level terms (they need each teacher model's features, not only its outputs)."""
-    return [n for n in cfg.loss.weights if n in ("feature", "hidden")]
